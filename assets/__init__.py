@@ -1,0 +1,1 @@
+"""Dagster software-defined assets and checks: thin wrappers over ``ops`` stage functions."""

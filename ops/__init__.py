@@ -1,0 +1,1 @@
+"""Heavy operations of AnomalyForge: plain Python + torch, no Dagster import (DESIGN §2)."""

@@ -1,0 +1,1 @@
+"""Generation methods: one module per method, registered in ``ops.methods.registry``."""

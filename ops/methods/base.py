@@ -1,0 +1,77 @@
+"""The generation-method interface (DESIGN §2).
+
+A method is one module in ``ops/methods`` with a class implementing :class:`Method` plus one line in
+``ops.methods.registry``. Nothing else in the code base changes when a method is added.
+
+- ``fit`` trains whatever the method learns from the support set of ONE category (all its defect types)
+  and writes it under ``out_dir``; it must be idempotent and resume an interrupted run from its checkpoints.
+  Training-free methods return an :class:`Adapter` with ``path=None`` (or cache what they precompute).
+- ``synthesize`` turns jobs (normal image + target mask + optional reference anomaly, seeded) into
+  :class:`Synthetic` results, in any order it likes (methods may batch jobs that share a reference), but
+  exactly one result per job and deterministically for each job's seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+
+from ops.types import Adapter, Sample, Synthetic, SynthesisJob
+
+Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+
+
+def no_progress(_desc: str, _done: int, _total: int) -> None:
+    return None
+
+
+@dataclass
+class MethodConfig:
+    """Base class of per-method configs; subclasses add fields with paper-like defaults."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "MethodConfig":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**values)
+
+
+class Method:
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_backbone: ClassVar[bool] = False  # True: the stage passes the DiffusionBackbone's loaded models
+    needs_reference: ClassVar[bool] = True  # True: each job carries a support anomaly of its defect type
+
+    def config(self, values: dict[str, Any] | None = None) -> MethodConfig:
+        return self.config_cls.from_dict(values)
+
+    def fit(self, backbone: Any, support: Sequence[Sample], cfg: MethodConfig, out_dir: Path,
+            progress: Progress = no_progress) -> Adapter:
+        return Adapter(method=self.name, category=support[0].category if support else "", path=None,
+                       meta={"trained": False})
+
+    def synthesize(self, backbone: Any, adapter: Adapter, jobs: Sequence[SynthesisJob], cfg: MethodConfig,
+                   progress: Progress = no_progress) -> Iterator[Synthetic]:
+        raise NotImplementedError
+
+
+def check_results(jobs: Sequence[SynthesisJob], results: Iterable[Synthetic]) -> Iterator[Synthetic]:
+    """Pass results through, checking the contract (one per job, right shapes) as they stream."""
+    expected = {j.index for j in jobs}
+    seen: set[int] = set()
+    for r in results:
+        idx = r.job.index
+        if idx not in expected or idx in seen:
+            raise RuntimeError(f"method returned an unexpected or duplicate result for job {idx}")
+        shape = r.job.normal.image.shape
+        if r.image.shape != shape or r.image.dtype.name != "uint8":
+            raise RuntimeError(f"job {idx}: image {r.image.dtype} {r.image.shape}, expected uint8 {shape}")
+        if r.mask.shape != shape[:2] or r.mask.dtype != bool:
+            raise RuntimeError(f"job {idx}: mask {r.mask.dtype} {r.mask.shape}, expected bool {shape[:2]}")
+        seen.add(idx)
+        yield r
+    if seen != expected:
+        raise RuntimeError(f"method returned no result for jobs {sorted(expected - seen)[:10]}")
