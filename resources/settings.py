@@ -1,0 +1,79 @@
+"""Pipeline settings shared by every asset: where the datasets are, how many images, which protocol, which seed.
+
+Choices:
+- One resource instead of per-asset run config, so that the sensor, the schedule, the demo and a launch from the
+  UI all materialize with the same settings (they can still be overridden per run in the launchpad).
+- ``method_options`` maps a method name to its options dict (``MethodConfig.from_dict`` rejects unknown keys, so
+  a typo fails the run instead of silently using a default); ``quality_options`` and ``detection_options`` are
+  the same for the quality and detection stages.
+- Defaults from the environment (``from_env``) so that ``dagster dev`` picks up a demo folder without editing
+  code: ``ANOMALY_FORGE_HOME`` (default ``demo_out``, resolved against the working directory),
+  ``ANOMALY_FORGE_DATASETS`` (``os.pathsep``-separated, default ``$ANOMALY_FORGE_HOME/data``),
+  ``ANOMALY_FORGE_N`` (default 64) and ``ANOMALY_FORGE_SEED`` (default 0).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import dagster as dg
+
+SPLIT_PROTOCOLS = ("anomalydiffusion", "k_shot")
+TARGET_MODES = ("affine", "box")
+
+
+def forge_home() -> Path:
+    return Path(os.environ.get("ANOMALY_FORGE_HOME", "demo_out")).expanduser().resolve()
+
+
+class ForgeSettings(dg.ConfigurableResource):
+    """Counts, seeds, protocols and per-stage options of a pipeline deployment."""
+
+    dataset_roots: list[str]
+    n_per_partition: int = 64
+    seed: int = 0
+    split_protocol: str = "anomalydiffusion"
+    k_shot: Optional[int] = None
+    target_mode: str = "affine"
+    max_reject_fraction: float = 0.1
+    method_options: dict[str, Any] = {}
+    quality_options: dict[str, Any] = {}
+    detection_options: dict[str, Any] = {}
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "ForgeSettings":
+        roots = os.environ.get("ANOMALY_FORGE_DATASETS")
+        values: dict[str, Any] = {
+            "dataset_roots": roots.split(os.pathsep) if roots else [str(forge_home() / "data")],
+            "n_per_partition": int(os.environ.get("ANOMALY_FORGE_N", "64")),
+            "seed": int(os.environ.get("ANOMALY_FORGE_SEED", "0")),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def check(self) -> "ForgeSettings":
+        """Raise a ValueError naming the bad setting and the accepted values; returns self for chaining."""
+        if not self.dataset_roots:
+            raise ValueError("ForgeSettings.dataset_roots is empty: set ANOMALY_FORGE_DATASETS or pass the "
+                             "dataset folders (MVTec AD / VisA / MVTec LOCO roots) in the settings resource")
+        if self.split_protocol not in SPLIT_PROTOCOLS:
+            raise ValueError(f"ForgeSettings.split_protocol={self.split_protocol!r}; use one of {SPLIT_PROTOCOLS}")
+        if self.split_protocol == "k_shot" and (self.k_shot is None or self.k_shot < 1):
+            raise ValueError("ForgeSettings.split_protocol='k_shot' needs k_shot >= 1")
+        if self.target_mode not in TARGET_MODES:
+            raise ValueError(f"ForgeSettings.target_mode={self.target_mode!r}; use one of {TARGET_MODES}")
+        if self.n_per_partition < 1:
+            raise ValueError(f"ForgeSettings.n_per_partition={self.n_per_partition}; it must be >= 1")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError(f"ForgeSettings.max_reject_fraction={self.max_reject_fraction}; use a value in [0, 1]")
+        return self
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.check()
+
+    def method_config(self, method: str) -> dict[str, Any]:
+        opts = self.method_options.get(method, {})
+        if not isinstance(opts, dict):
+            raise ValueError(f"ForgeSettings.method_options[{method!r}] must be a dict of options, got {opts!r}")
+        return dict(opts)
