@@ -4,9 +4,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from ops.diffusion import vae
 from ops.diffusion.backbone import build_backbone, load_backbone
 from ops.diffusion.tiny import bytes_to_unicode, clip_vocab_and_merges
 
@@ -90,3 +92,43 @@ def test_missing_model_gives_clear_error(tmp_path, monkeypatch):
         build_backbone(str(tmp_path), device="cpu")
     with pytest.raises(FileNotFoundError, match="hf download"):
         build_backbone("nobody-here/no-such-model", device="cpu")
+
+
+def _image(seed, size=128):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def test_vae_encode_decode_shapes_and_determinism(bb):
+    imgs = np.stack([_image(0), _image(1)])
+    z = vae.encode(bb, imgs)
+    assert z.shape == (2, 4, 32, 32) and z.dtype == torch.float32
+    assert torch.equal(z, vae.encode(bb, imgs))  # posterior mean: no sampling noise
+    assert torch.equal(z[1:], vae.encode(bb, imgs[1]))
+    with torch.no_grad():
+        raw = bb.vae.encode(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+    torch.testing.assert_close(z, raw * bb.latent_scale)
+    small = vae.encode(bb, _image(2, size=64))  # resized up to the backbone resolution
+    assert small.shape == (1, 4, 32, 32)
+    out = vae.decode(bb, z)
+    assert out.shape == (2, 128, 128, 3) and out.dtype == np.uint8
+    assert vae.decode(bb, z[:1], size=(64, 96)).shape == (1, 64, 96, 3)
+    with pytest.raises(ValueError, match="HxWx3"):
+        vae.encode(bb, np.zeros((4, 4), np.uint8))
+
+
+def test_latent_cache_memory_and_disk(bb, tmp_path):
+    cache = vae.LatentCache(tmp_path / "latents", max_items=1)
+    a, b = _image(3), _image(4)
+    za = cache.encode(bb, a)
+    assert cache.misses == 1 and torch.equal(za, vae.encode(bb, a))
+    assert torch.equal(cache.encode(bb, a), za) and cache.hits == 1
+    zb = cache.encode(bb, b)
+    assert cache.misses == 2 and not torch.equal(za, zb)
+    files = sorted((tmp_path / "latents").rglob("*.pt"))
+    assert len(files) == 2 and files[0].stem in (vae.image_key(a), vae.image_key(b))
+    fresh = vae.LatentCache(tmp_path / "latents")
+    assert torch.equal(fresh.encode(bb, a), za) and fresh.hits == 1 and fresh.misses == 0
+    files[0].write_bytes(b"torn")  # a damaged file is a miss and gets rewritten
+    again = vae.LatentCache(tmp_path / "latents")
+    again.encode(bb, a), again.encode(bb, b)
+    assert again.misses == 1 and again.hits == 1
