@@ -17,6 +17,7 @@ Choices:
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import dagster as dg
@@ -28,6 +29,13 @@ from ops.atomic import write_parquet_atomic
 from ops.storage import Storage
 
 ALLOW_MISSING = "allow_missing_partitions"
+
+
+def storage_root_from_env() -> str:
+    """``$ANOMALY_FORGE_STORAGE``, else ``$ANOMALY_FORGE_HOME/storage`` (see resources.settings)."""
+    from resources.settings import forge_home
+
+    return os.environ.get("ANOMALY_FORGE_STORAGE") or str(forge_home() / "storage")
 
 
 class StorageResource(dg.ConfigurableResource):

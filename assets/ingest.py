@@ -1,0 +1,122 @@
+"""Ingest assets: ``raw_defect_sets`` (validated manifest of one category) and ``few_shot_splits`` (support/holdout).
+
+Choices:
+- A category partition is looked up across every configured dataset root; a name found under two roots is an
+  error (the rows would silently depend on the order of the roots).
+- Rejected files are written next to the manifests as ``manifests/raw_defect_rejects/<category>.parquet`` (not an
+  asset: nothing downstream reads them; the check and the UI do), and union masks of multi-mask layouts go to
+  ``cache/ingest/<category>`` under the storage root, because dataset roots may be read-only.
+- Both checks are blocking: a category with too many unusable files, or a split that leaks held-out images into
+  the support set, must not reach adapter training. The reject fraction counts rejected files over all files seen.
+- ops modules are imported inside the asset bodies so that loading the definitions (``dagster dev``) stays fast.
+"""
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from assets.partitions import category_partitions
+from resources.settings import ForgeSettings
+from resources.storage import StorageResource
+
+REJECTS = "raw_defect_rejects"
+
+
+def find_categories(dataset_roots: list[str]) -> dict[str, tuple[str, str]]:
+    """category -> (dataset root, layout) over all roots; a category under two roots is an error."""
+    from ops.ingest import discover_categories
+
+    found: dict[str, tuple[str, str]] = {}
+    for root in dataset_roots:
+        for category, layout in discover_categories(root):
+            if category in found and found[category][0] != root:
+                raise ValueError(f"category {category!r} exists under two dataset roots, {found[category][0]} and "
+                                 f"{root}; rename one folder or remove one root from ForgeSettings.dataset_roots")
+            found[category] = (root, layout)
+    return found
+
+
+def _locate(settings: ForgeSettings, category: str) -> tuple[str, str]:
+    found = find_categories(settings.dataset_roots)
+    if category not in found:
+        raise FileNotFoundError(f"category {category!r} is not a folder under any dataset root "
+                                f"{settings.dataset_roots}; add it there or fix ForgeSettings.dataset_roots")
+    return found[category]
+
+
+def _counts(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    return df.groupby(by, sort=True).size().rename("images").reset_index()
+
+
+@dg.asset(partitions_def=category_partitions, group_name="ingest", kinds={"python", "parquet"})
+def raw_defect_sets(context: dg.AssetExecutionContext, settings: ForgeSettings,
+                    storage: StorageResource) -> dg.Output[pd.DataFrame]:
+    """Every readable image of one category with its mask, validated; rejected files listed with a fix."""
+    from ops.ingest import REJECT_SCHEMA, ingest_category
+    from ops.manifest import write_manifest
+    from ops.viz import markdown_table
+
+    category = context.partition_key
+    root, layout = _locate(settings, category)
+    store = storage.get()
+    result = ingest_category(root, category, layout=layout, cache_dir=store.path(f"cache/ingest/{category}"))
+    write_manifest(store.manifest_path(REJECTS, category), result.rejects, REJECT_SCHEMA, REJECTS)
+    rows = result.rows
+    meta: dict[str, Any] = {
+        "dataset_root": root, "layout": layout, "images": len(rows), "rejects": len(result.rejects),
+        "defect_types": sorted(set(rows["defect_type"]) - {"good"}),
+        "counts": dg.MetadataValue.md(markdown_table(_counts(rows, ["split", "defect_type"]))),
+    }
+    if len(result.rejects):
+        meta["rejected_files"] = dg.MetadataValue.md(markdown_table(result.rejects[["path", "reason", "fix"]]))
+    return dg.Output(rows, metadata=meta)
+
+
+@dg.asset(partitions_def=category_partitions, group_name="ingest", kinds={"python", "parquet"})
+def few_shot_splits(raw_defect_sets: pd.DataFrame, settings: ForgeSettings) -> dg.Output[pd.DataFrame]:
+    """Support / holdout / train_good / test_good roles under the configured protocol (DESIGN §4)."""
+    from ops.splits import make_split
+    from ops.viz import markdown_table
+
+    split = make_split(raw_defect_sets, protocol=settings.split_protocol, k=settings.k_shot, seed=settings.seed)
+    roles = _counts(split, ["defect_type", "role"]).pivot(index="defect_type", columns="role", values="images")
+    roles = roles.fillna(0).astype(int).reset_index()
+    return dg.Output(split, metadata={
+        "protocol": settings.split_protocol, "seed": settings.seed,
+        "support": int((split["role"] == "support").sum()), "holdout": int((split["role"] == "holdout").sum()),
+        "roles": dg.MetadataValue.md(markdown_table(roles)),
+    })
+
+
+@dg.asset_check(asset=raw_defect_sets, partitions_def=category_partitions, blocking=True)
+def reject_fraction(context: dg.AssetCheckExecutionContext, raw_defect_sets: pd.DataFrame,
+                    settings: ForgeSettings, storage: StorageResource) -> dg.AssetCheckResult:
+    """Rejected files over all files seen stays within ForgeSettings.max_reject_fraction."""
+    from ops.manifest import read_manifest
+
+    path = storage.get().manifest_path(REJECTS, context.partition_key)
+    rejects = read_manifest(path)
+    total = len(raw_defect_sets) + len(rejects)
+    fraction = len(rejects) / total if total else 1.0
+    return dg.AssetCheckResult(
+        passed=bool(total) and fraction <= settings.max_reject_fraction,
+        metadata={"reject_fraction": fraction, "rejects": len(rejects), "images": len(raw_defect_sets),
+                  "max_reject_fraction": settings.max_reject_fraction, "rejects_manifest": dg.MetadataValue.path(
+                      str(path))},
+        description=None if total else "no files found for this category")
+
+
+@dg.asset_check(asset=few_shot_splits, partitions_def=category_partitions, blocking=True)
+def no_holdout_in_support(few_shot_splits: pd.DataFrame) -> dg.AssetCheckResult:
+    """No held-out (or test/good) image reaches the support set that adapters train on."""
+    from ops.splits import check_no_leakage
+
+    problems = check_no_leakage(few_shot_splits)
+    return dg.AssetCheckResult(passed=not problems, metadata={
+        "problems": len(problems),
+        "details": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none"),
+    })
+
+
+ASSETS = [raw_defect_sets, few_shot_splits]
+CHECKS = [reject_fraction, no_holdout_in_support]
