@@ -1,0 +1,68 @@
+"""The Dagster code location: ``dagster dev -w workspace.yaml`` loads ``defs`` from this module.
+
+Choices:
+- Asset modules are collected by name; a module that does not exist yet is skipped (the lineage grows issue by
+  issue), but a module that exists and fails to import is an error, never silently dropped.
+- Resources come from the environment (``ANOMALY_FORGE_HOME``, ``ANOMALY_FORGE_STORAGE``,
+  ``ANOMALY_FORGE_DATASETS``, ``ANOMALY_FORGE_MODEL``, ...; see resources/) so that one code location serves a
+  demo folder, a laptop and a cluster; ``build_definitions`` takes explicit values for the demo, the CLI and tests.
+- Loading the definitions imports no torch: ops stage modules are imported inside asset bodies.
+"""
+import importlib
+from typing import Any, Sequence
+
+import dagster as dg
+
+from pipelines.jobs import GENERATION_JOB, build_jobs, lineage_stages
+from pipelines.schedules import build_regeneration_schedule
+from pipelines.sensors import build_new_category_sensor
+from resources.backbone import DiffusionBackbone
+from resources.settings import ForgeSettings
+from resources.storage import ParquetIOManager, StorageResource, storage_root_from_env
+
+ASSET_MODULES = ("assets.ingest", "assets.generation", "assets.quality", "assets.detection")
+
+
+def collect_assets(modules: Sequence[str] = ASSET_MODULES) -> tuple[list[Any], list[Any]]:
+    """(assets, checks) from every asset module that exists."""
+    assets: list[Any] = []
+    checks: list[Any] = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        assets.extend(module.ASSETS)
+        checks.extend(module.CHECKS)
+    return assets, checks
+
+
+def build_resources(storage_root: str | None = None, **settings: Any) -> dict[str, Any]:
+    root = str(storage_root or storage_root_from_env())
+    return {
+        "storage": StorageResource(root=root),
+        "io_manager": ParquetIOManager(root=root),
+        "settings": ForgeSettings.from_env(**settings),
+        "backbone": DiffusionBackbone.from_env(),
+    }
+
+
+def build_definitions(storage_root: str | None = None, **settings: Any) -> dg.Definitions:
+    """The full code location; keyword arguments override ``ForgeSettings`` fields (e.g. dataset_roots=[...])."""
+    assets, checks = collect_assets()
+    stages = lineage_stages(assets)
+    jobs = build_jobs(stages)
+    by_name = {j.name: j for j in jobs}
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs,
+        schedules=[build_regeneration_schedule(by_name[GENERATION_JOB])] if GENERATION_JOB in by_name else [],
+        sensors=[build_new_category_sensor(stages, jobs)],
+        resources=build_resources(storage_root, **settings),
+    )
+
+
+defs = build_definitions()
