@@ -1,0 +1,1 @@
+"""Masks: where synthetic defects go (``targets``) and how generated masks are refined (``refine``)."""
