@@ -22,16 +22,30 @@ from resources.storage import StorageResource
 REJECTS = "raw_defect_rejects"
 
 
-def find_categories(dataset_roots: list[str]) -> dict[str, tuple[str, str]]:
-    """category -> (dataset root, layout) over all roots; a category under two roots is an error."""
+def find_categories(dataset_roots: list[str], problems: list[str] | None = None) -> dict[str, tuple[str, str]]:
+    """category -> (dataset root, layout) over all roots; a category under two roots is an error.
+
+    With a ``problems`` list, a root that cannot be read and a duplicated category are appended to it and
+    skipped instead of raised (the sensor must keep watching the other roots)."""
     from ops.ingest import discover_categories
 
     found: dict[str, tuple[str, str]] = {}
     for root in dataset_roots:
-        for category, layout in discover_categories(root):
+        try:
+            listed = discover_categories(root)
+        except (FileNotFoundError, ValueError) as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+            continue
+        for category, layout in listed:
             if category in found and found[category][0] != root:
-                raise ValueError(f"category {category!r} exists under two dataset roots, {found[category][0]} and "
-                                 f"{root}; rename one folder or remove one root from ForgeSettings.dataset_roots")
+                msg = (f"category {category!r} exists under two dataset roots, {found[category][0]} and {root}; "
+                       f"rename one folder or remove one root from ForgeSettings.dataset_roots")
+                if problems is None:
+                    raise ValueError(msg)
+                problems.append(msg)
+                continue
             found[category] = (root, layout)
     return found
 

@@ -11,8 +11,9 @@ Choices:
   check) therefore stops its category's backfill until someone re-materializes it.
 - Unpartitioned stages (summaries) get one run per category that reaches them and count as done once requested.
 - Run keys name the stage and partition, so even a lost cursor cannot launch a stage twice for the same partition.
-- A missing dataset root skips the tick with the reason instead of failing it, because the default root of a
-  fresh deployment (``demo_out/data``) may not exist yet.
+- A dataset root that cannot be read (missing, empty, unsafe folder names) is logged and skipped, and a tick
+  with nothing to do then reports it as the skip reason: the default root of a fresh deployment
+  (``demo_out/data``) may not exist yet, and one bad root must not stop the others from being watched.
 """
 import json
 from typing import Sequence
@@ -62,10 +63,10 @@ def build_new_category_sensor(stages: Sequence[Stage], jobs: Sequence, methods: 
     def new_category_sensor(context: dg.SensorEvaluationContext, settings: ForgeSettings):
         state = json.loads(context.cursor) if context.cursor else {"seen": [], "pending": {}}
         seen, pending = set(state["seen"]), dict(state["pending"])
-        try:
-            found = find_categories(settings.dataset_roots)
-        except FileNotFoundError as e:
-            return dg.SensorResult(skip_reason=str(e), cursor=context.cursor)
+        problems: list[str] = []
+        found = find_categories(settings.dataset_roots, problems)
+        for problem in problems:
+            context.log.warning(problem)
         existing = set(context.instance.get_dynamic_partitions(CATEGORY))
         new = sorted(c for c in found if c not in existing and c not in seen)
         pending.update({c: 0 for c in new})
@@ -73,6 +74,8 @@ def build_new_category_sensor(stages: Sequence[Stage], jobs: Sequence, methods: 
         cursor = json.dumps({"seen": sorted(seen | set(found)), "pending": pending}, sort_keys=True)
         if new:
             context.log.info(f"new categories: {new}")
+        if not requests and problems:
+            return dg.SensorResult(skip_reason="; ".join(problems), cursor=cursor)
         return dg.SensorResult(run_requests=requests, cursor=cursor,
                                dynamic_partitions_requests=[category_partitions.build_add_request(new)] if new else [])
 

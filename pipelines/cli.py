@@ -1,0 +1,144 @@
+"""The ``anomaly-forge`` console script.
+
+Commands: ``demo`` (whole lineage on the embedded data), ``add-category`` (new partition + its lineage on the
+instance in ``$DAGSTER_HOME``), ``materialize`` (the lineage for existing partitions), ``list-methods``.
+
+Choices:
+- ``add-category`` and ``materialize`` need ``DAGSTER_HOME`` (runs must land in the instance the UI reads); they
+  refuse to run without it instead of writing to a throw-away instance.
+- ``add-category --root DIR`` adds DIR to the dataset roots for this command only; to let later ingest runs
+  (UI, sensor) find the category, DIR must also be in ``ANOMALY_FORGE_DATASETS`` (the command says so).
+- Dagster's beta/preview warnings about the partition mapping and partitioned checks this project relies on
+  (on a pinned Dagster) are silenced here; library users still see them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _instance():
+    import dagster as dg
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home or not Path(home).is_dir():
+        raise SystemExit("DAGSTER_HOME is not set to an existing folder: point it at your Dagster instance "
+                         "(e.g. `export DAGSTER_HOME=$PWD/demo_out/dagster_home` after `anomaly-forge demo`)")
+    return dg.DagsterInstance.get()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(args.out, methods=_csv(args.methods), categories=_csv(args.categories), n=args.n,
+                    size=args.size, seed=args.seed)
+
+
+def cmd_list_methods(_args: argparse.Namespace) -> int:
+    from ops.methods.registry import BASELINES, available_methods, get_method
+
+    for name in available_methods():
+        method = get_method(name)
+        doc = (type(method).__doc__ or "").strip().splitlines()
+        kind = "baseline" if name in BASELINES else "diffusion" if method.needs_backbone else "method"
+        print(f"{name:<16} {kind:<10} {doc[0] if doc else ''}")
+    return 0
+
+
+def _run(categories: Sequence[str], methods: Sequence[str] | None, extra_roots: Sequence[str] = ()) -> int:
+    from ops.methods.registry import available_methods
+    from pipelines.definitions import build_definitions
+    from pipelines.demo import run_lineage
+    from resources.settings import ForgeSettings
+
+    roots = list(ForgeSettings.from_env().dataset_roots) + [str(Path(r).resolve()) for r in extra_roots]
+    defs = build_definitions(dataset_roots=list(dict.fromkeys(roots)))
+    with _instance() as instance:
+        steps = run_lineage(defs, instance, categories, list(methods or available_methods()),
+                            tags={"anomaly_forge/trigger": "cli"})
+    failed = [s for s in steps if s.status != "ok"]
+    print(f"{len(steps) - len(failed)}/{len(steps)} steps ok")
+    return 1 if failed else 0
+
+
+def cmd_add_category(args: argparse.Namespace) -> int:
+    from assets.ingest import find_categories
+
+    found = find_categories([args.root])
+    if args.name not in found:
+        raise SystemExit(f"{args.root} has no category folder {args.name!r} with a known layout; found: "
+                         f"{sorted(found) or 'none'}")
+    with _instance() as instance:
+        if instance.has_dynamic_partition("category", args.name):
+            print(f"category {args.name!r} is already a partition")
+        else:
+            instance.add_dynamic_partitions("category", [args.name])
+            print(f"added category partition {args.name!r}")
+    roots = os.environ.get("ANOMALY_FORGE_DATASETS", "").split(os.pathsep)
+    if str(Path(args.root).resolve()) not in [str(Path(r).resolve()) for r in roots if r]:
+        print(f"note: add {Path(args.root).resolve()} to ANOMALY_FORGE_DATASETS so later ingest runs find it")
+    if args.no_run:
+        return 0
+    return _run([args.name], _csv(args.methods), extra_roots=[args.root])
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    with _instance() as instance:
+        existing = list(instance.get_dynamic_partitions("category"))
+    categories = _csv(args.categories) or existing
+    missing = sorted(set(categories) - set(existing))
+    if missing or not categories:
+        raise SystemExit(f"categories {missing or '(none)'} are not partitions of this instance; add them first "
+                         f"(anomaly-forge add-category NAME --root DIR); existing: {existing}")
+    return _run(categories, _csv(args.methods))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomaly-forge", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole lineage on the embedded demo dataset")
+    demo.add_argument("--out", default="demo_out", help="output folder (data/, storage/, dagster_home/, report.md)")
+    demo.add_argument("--methods", help="comma-separated methods (default: all registered)")
+    demo.add_argument("--categories", help="comma-separated demo categories (default: all)")
+    demo.add_argument("--n", type=int, default=16, help="synthetic images per category x method (default 16)")
+    demo.add_argument("--size", type=int, default=128, help="demo image size in pixels (default 128)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    add = sub.add_parser("add-category", help="add a category partition and materialize its lineage")
+    add.add_argument("name")
+    add.add_argument("--root", required=True, help="dataset root that contains the category folder")
+    add.add_argument("--methods", help="comma-separated methods (default: all registered)")
+    add.add_argument("--no-run", action="store_true", help="only add the partition")
+    add.set_defaults(func=cmd_add_category)
+
+    mat = sub.add_parser("materialize", help="materialize the lineage for existing category partitions")
+    mat.add_argument("--categories", help="comma-separated categories (default: every partition)")
+    mat.add_argument("--methods", help="comma-separated methods (default: all registered)")
+    mat.set_defaults(func=cmd_materialize)
+
+    lst = sub.add_parser("list-methods", help="list the registered generation methods")
+    lst.set_defaults(func=cmd_list_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import dagster as dg
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
