@@ -6,6 +6,11 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
+
+from ops.demo_data import build_demo_dataset
+from ops.ingest import discover_categories, ingest_category
+
 # tqdm bars only clutter captured test output.
 os.environ.setdefault("ANOMALY_FORGE_NO_PROGRESS", "1")
 
@@ -18,4 +23,21 @@ if str(_HERE) not in list(getattr(sys.modules.get("tests"), "__path__", [])):
     _pkg.__path__ = [str(_HERE)]
     sys.modules["tests"] = _pkg
 
+
+
+@pytest.fixture(scope="session")
+def demo_size():
+    return 64
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory, demo_size):
+    """The demo dataset (all categories, seed 0) built once per session at ``demo_size`` px."""
+    return build_demo_dataset(tmp_path_factory.mktemp("demo"), size=demo_size)
+
+
+@pytest.fixture(scope="session")
+def demo_raw(demo_root):
+    """category -> raw manifest DataFrame (RAW_SCHEMA) of the demo dataset."""
+    return {c: ingest_category(demo_root, c, layout).rows for c, layout in discover_categories(demo_root)}
 
