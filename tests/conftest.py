@@ -10,6 +10,7 @@ import pytest
 
 from ops.demo_data import build_demo_dataset
 from ops.ingest import discover_categories, ingest_category
+from ops.splits import make_split
 
 # tqdm bars only clutter captured test output.
 os.environ.setdefault("ANOMALY_FORGE_NO_PROGRESS", "1")
@@ -41,3 +42,8 @@ def demo_raw(demo_root):
     """category -> raw manifest DataFrame (RAW_SCHEMA) of the demo dataset."""
     return {c: ingest_category(demo_root, c, layout).rows for c, layout in discover_categories(demo_root)}
 
+
+@pytest.fixture(scope="session")
+def demo_split(demo_raw):
+    """The default (anomalydiffusion) split of the demo's "brick" category (SPLIT_SCHEMA)."""
+    return make_split(demo_raw["brick"])
