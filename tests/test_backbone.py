@@ -54,7 +54,7 @@ def test_vocab_construction_follows_clip():
 
 
 def test_backbone_shapes_and_cache(bb):
-    assert bb.resolution == 128 and bb.latent_size == 32 and bb.latent_scale == pytest.approx(0.18215)
+    assert bb.resolution == 128 and bb.latent_size == 32 and bb.latent_scale == pytest.approx(4.2)
     assert bb.dtype == torch.float32 and bb.device.type == "cpu"
     assert load_backbone("tiny", device="cpu") is bb
     assert type(next(iter(bb.unet.attn_processors.values()))).__name__ == "AttnProcessor2_0"
@@ -132,3 +132,8 @@ def test_latent_cache_memory_and_disk(bb, tmp_path):
     again = vae.LatentCache(tmp_path / "latents")
     again.encode(bb, a), again.encode(bb, b)
     assert again.misses == 1 and again.hits == 1
+
+
+def test_tiny_latents_have_unit_variance(bb):
+    z = vae.encode(bb, np.stack([_image(5), _image(6)]))
+    assert 0.8 < float(z.std()) < 1.25  # the scaling factor's job, as SD's 0.18215 does for SD's VAE
