@@ -34,11 +34,32 @@ def test_foreground_of_object_matches_the_object():
     assert analyze_foreground(img).kind == "object"
 
 
-@pytest.mark.parametrize("name", ["grass", "gravel", "brick"])
-def test_texture_gives_whole_image(name):
-    tex = getattr(skimage.data, name)()[:H, :W]
-    info = analyze_foreground(np.repeat(tex[..., None], 3, axis=2))
-    assert info.kind == "texture" and info.mask.all()
+@pytest.mark.parametrize("shape", ["bar", "touching", "red_on_white"])
+@pytest.mark.parametrize("size", [64, 256])
+def test_foreground_of_harder_objects(shape, size):
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    ellipse = (yy / (0.35 * size)) ** 2 + (xx / (0.4 * size)) ** 2 <= 1
+    u, v = xx * np.cos(0.6) + yy * np.sin(0.6), -xx * np.sin(0.6) + yy * np.cos(0.6)
+    truth = {"bar": (np.abs(u) < 0.3 * size) & (np.abs(v) < 0.03 * size + 1),  # a thin rotated part (screw)
+             "touching": ellipse | ((np.abs(xx) < 0.03 * size + 1) & (yy > 0)),  # a lead reaching the border
+             "red_on_white": ellipse}[shape]
+    bg, fg_colour = ((200, 200, 200), (200, 60, 60)) if shape == "red_on_white" else ((30, 30, 30), (170, 160, 150))
+    img = np.empty((size, size, 3))
+    img[:] = bg
+    img[truth] = fg_colour
+    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    info = analyze_foreground(img)
+    assert info.kind == "object"
+    assert (info.mask & truth).sum() / (info.mask | truth).sum() > 0.9
+
+
+def test_demo_textures_are_whole_image(demo_raw):
+    from ops.samples import load_sample
+
+    for rows in demo_raw.values():
+        for row in rows[rows.defect_type == "good"].to_dict("records"):
+            assert analyze_foreground(load_sample(row).image).kind == "texture", row["image_path"]
 
 
 def test_affine_targets_inside_foreground_nonempty_and_transformed():

@@ -23,14 +23,19 @@ Two samplers, both seeded by a ``numpy.random.Generator`` and both returning a :
     box on the anchor always does).
 
 Foreground rule (:func:`foreground_mask`): the paper protocols say "inside the product" without defining
-it. Here two cues are Otsu-thresholded, grey level and HSV saturation; the cue whose class labels are most
-uniform along the image border (a band of 2 % of the shorter side) wins, and the class that dominates the
-border is background. Border purity below ``min_purity`` (0.9) means the image has no uniform background
-(a texture such as carpet or grid, or an object filling the frame): the whole image is foreground. The
-object mask is cleaned with an opening then a closing (disk of 1 % of the shorter side), holes are
-filled, and connected components smaller than 20 % of the largest are dropped (several similar parts, as
-in VisA's macaroni, survive). A result covering more than 95 % or less than 1 % of the image is not
-trusted either and also gives the whole image.
+it. Two cues are Otsu-thresholded, grey level and HSV saturation; for each, the class that dominates the
+border band (2 % of the shorter side) is background and the other class, cleaned by an opening then a
+closing (disk of 1 % of the shorter side), hole filling and dropping components smaller than 20 % of the
+largest (several similar parts, as in VisA's macaroni, survive), is the object. A cue is trusted only if
+  - border purity >= 0.9 (the border is nearly all background),
+  - the largest 4-connected background component holds >= 90 % of the border's background pixels (a
+    uniform backdrop surrounds the product; the bricks of a brick wall, split by mortar, do not),
+  - the cleaning keeps >= 50 % of the object class (not speckle or thin lines of a texture),
+  - the object covers 1-95 % of the image.
+The trusted cue with the highest purity wins; with none, the image is a texture (or an object filling the
+frame) and the whole image is foreground. Measured on the demo textures (brick, grass, gravel at 64-256 px)
+every image is classified texture; a dark backdrop with an ellipse, a thin rotated "screw" or an object
+touching the border is classified object with IoU > 0.97 against the drawn shape (tests/test_targets.py).
 """
 from __future__ import annotations
 
@@ -43,10 +48,11 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 MIN_PURITY = 0.9
+MIN_CONNECTED = 0.9
+MIN_RETAINED = 0.5
 MAX_FRACTION = 0.95
 MIN_FRACTION = 0.01
 KEEP_COMPONENT = 0.2
-
 
 @dataclass(frozen=True)
 class TargetMask:
@@ -59,7 +65,7 @@ class Foreground:
     mask: np.ndarray  # bool HxW
     kind: str  # "object" or "texture"
     cue: str  # "gray", "saturation" or "" (texture)
-    purity: float  # border purity of the winning cue
+    purity: float  # border purity of the winning cue (0.0 for textures)
 
 
 def foreground_mask(image: np.ndarray) -> np.ndarray:
@@ -71,11 +77,12 @@ def analyze_foreground(image: np.ndarray) -> Foreground:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"foreground_mask expects a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
-    whole = Foreground(np.ones((h, w), dtype=bool), "texture", "", 0.0)
+    whole = Foreground(np.ones((h, w), dtype=bool), "texture", "", 0.0)  # no trusted cue
     band = max(1, round(0.02 * min(h, w)))
     border = np.zeros((h, w), dtype=bool)
     border[:band], border[-band:], border[:, :band], border[:, -band:] = True, True, True, True
-    best: tuple[float, str, np.ndarray] | None = None
+    radius = max(1, round(0.01 * min(h, w)))
+    best: Foreground | None = None
     for cue_name, cue in (("gray", cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)),
                           ("saturation", cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 1])):
         if cue.min() == cue.max():
@@ -83,16 +90,19 @@ def analyze_foreground(image: np.ndarray) -> Foreground:
         high = cue > threshold_otsu(cue)
         share = float(high[border].mean())
         purity = max(share, 1.0 - share)
-        if best is None or purity > best[0]:
-            best = (purity, cue_name, high if share < 0.5 else ~high)
-    if best is None or best[0] < MIN_PURITY:
-        return Foreground(whole.mask, "texture", "", best[0] if best else 0.0)
-    purity, cue_name, fg = best
-    fg = _clean(fg, max(1, round(0.01 * min(h, w))))
-    fraction = float(fg.mean())
-    if not MIN_FRACTION <= fraction <= MAX_FRACTION:
-        return Foreground(whole.mask, "texture", cue_name, purity)
-    return Foreground(fg, "object", cue_name, purity)
+        background = high if share >= 0.5 else ~high
+        if purity < MIN_PURITY or (best is not None and purity <= best.purity):
+            continue
+        labels, _ = ndimage.label(background)
+        on_border = np.bincount(labels[border & background])
+        on_border[0] = 0
+        raw = ~background
+        fg = _clean(raw, radius)
+        if (on_border.max() >= MIN_CONNECTED * (border & background).sum()
+                and (fg & raw).sum() >= MIN_RETAINED * raw.sum()
+                and MIN_FRACTION <= fg.mean() <= MAX_FRACTION):
+            best = Foreground(fg, "object", cue_name, purity)
+    return best if best is not None else whole
 
 
 def _clean(fg: np.ndarray, radius: int) -> np.ndarray:
