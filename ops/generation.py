@@ -1,0 +1,294 @@
+"""Generation stage: fit a method's adapter per category, plan seeded synthesis jobs, write images + manifest.
+
+Choices the contracts leave open:
+
+- Job seeds: job i of (seed, category, method) gets the first 63 bits of
+  ``SeedSequence([seed, key(category), key(method), i])`` where ``key`` is the first 64 bits of the text's
+  SHA-256, so seeds are stable across processes and Python versions (no ``hash()``) and a job's seed does
+  not depend on n. Planning draws from ``SeedSequence(job_seed, spawn_key=(0,))``; methods draw from the job
+  seed itself, so planning and method randomness are independent streams.
+- Job i gets the defect type ``sorted(support types)[i % k]``; its normal image is drawn uniformly from the
+  ``train_good`` rows (sorted by image_id), its reference uniformly from the support rows of that type. A
+  method without a reference still gets its target mask from a support mask drawn the same way.
+- Jobs are planned and synthesized in chunks of ``chunk_size`` (one job's plan depends only on its index), so
+  memory stays bounded for large n and results do not depend on the chunk size. Loaded normal images and
+  their foreground masks are cached (bounded LRU) because many jobs share them.
+- Output layout under ``images/synthetic_anomalies/<category>/<method>/``: ``images/<type>/<i:05d>.png``,
+  ``masks/<type>/<i:05d>_mask.png`` (anomalib's Folder pairs masks whose stem contains the image stem),
+  ``targets/<type>/<i:05d>_target.png``, ``extras/<name>/<type>/<i:05d>.png`` (float maps in [0, 1] as
+  16-bit PNG). After a successful run every other file under that folder is deleted (stale files of a run
+  with a larger n, temp files of a crashed one), so the folder mirrors the manifest exactly.
+- Every column of a rerun with the same inputs is identical except ``seconds`` (a measured timing).
+- The method's own mask is the row's mask; an empty one is an error, not a silent row without a defect.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ops.manifest import dumps, to_table
+from ops.masks.targets import foreground_mask, sample_target_mask
+from ops.methods.base import Progress, check_results
+from ops.methods.registry import get_method
+from ops.progress import progress_bar
+from ops.samples import encode_png, load_sample
+from ops.storage import Storage, check_name, sha256_bytes
+from ops.types import Adapter, Sample, SynthesisJob
+
+SYNTHETIC_SCHEMA = pa.schema([
+    ("category", pa.string()), ("method", pa.string()), ("defect_type", pa.string()), ("index", pa.int64()),
+    ("seed", pa.int64()), ("image_path", pa.string()), ("mask_path", pa.string()), ("target_path", pa.string()),
+    ("extras_json", pa.string()), ("normal_id", pa.string()), ("normal_path", pa.string()),
+    ("normal_dataset_root", pa.string()), ("reference_id", pa.string()), ("support_ids", pa.list_(pa.string())),
+    ("target_params_json", pa.string()), ("params_json", pa.string()), ("config_json", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("mask_area", pa.int64()),
+    ("seconds", pa.float64()),
+])
+
+ADAPTER_SCHEMA = pa.schema([
+    ("category", pa.string()), ("method", pa.string()), ("adapter_path", pa.string()),
+    ("support_ids", pa.list_(pa.string())), ("n_support", pa.int64()), ("meta_json", pa.string()),
+    ("config_json", pa.string()), ("seconds", pa.float64()),
+])
+
+SPLIT_COLUMNS = ("image_id", "category", "defect_type", "dataset_root", "image_path", "mask_path", "role")
+SYNTHETIC_DIR = "images/synthetic_anomalies"
+
+
+def fit_adapter(storage: Storage, category: str, method_name: str, split_df: pd.DataFrame, backbone: Any,
+                cfg: dict | None, progress: Progress | None = None) -> pd.DataFrame:
+    """Fit ``method_name`` on the category's support set; one ADAPTER_SCHEMA row."""
+    check_name(category, "category")
+    method = get_method(method_name)
+    config = method.config(cfg)
+    support_rows = _support_rows(split_df, category)
+    support = [load_sample(row) for row in support_rows.to_dict("records")]
+    out_dir = storage.path(f"adapters/{category}/{method_name}")
+    start = time.perf_counter()
+    with _progress(progress, f"fit {category}/{method_name}", None) as report:
+        adapter = method.fit(backbone, support, config, out_dir=out_dir, progress=report)
+    df = pd.DataFrame([{
+        "category": category, "method": method_name,
+        "adapter_path": storage.rel(adapter.path) if adapter.path is not None else None,
+        "support_ids": sorted(s.image_id for s in support), "n_support": len(support),
+        "meta_json": dumps(adapter.meta), "config_json": dumps(asdict(config)),
+        "seconds": time.perf_counter() - start,
+    }])
+    to_table(df, ADAPTER_SCHEMA, "anomaly_adapters")
+    return df
+
+
+def job_seed(seed: int, category: str, method: str, index: int) -> int:
+    if not isinstance(seed, (int, np.integer)) or seed < 0 or index < 0:
+        raise ValueError(f"seed and job index must be non-negative integers, got seed={seed!r} index={index!r}")
+    words = np.random.SeedSequence([int(seed), _text_key(category), _text_key(method), int(index)])
+    return int(words.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _text_key(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    job: SynthesisJob
+    target_params: dict
+    normal_row: dict
+
+
+class JobPlanner:
+    """Plans job i of a (category, method, seed) independently of every other job (module doc)."""
+
+    def __init__(self, split_df: pd.DataFrame, category: str, method: str, seed: int, target_mode: str = "affine",
+                 needs_reference: bool = True, target_options: dict | None = None, cache_size: int = 64):
+        self.category, self.method, self.seed = category, method, seed
+        self.target_mode, self.needs_reference = target_mode, needs_reference
+        self.target_options = dict(target_options or {})
+        self.texture = bool(self.target_options.pop("texture", False))
+        support = _support_rows(split_df, category)
+        self.support = {row["image_id"]: load_sample(row) for row in support.to_dict("records")}
+        self.support_ids = tuple(sorted(self.support))
+        self.by_type = {t: sorted(g["image_id"]) for t, g in support.groupby("defect_type")}
+        self.types = sorted(self.by_type)
+        for t in self.types:
+            check_name(t, "defect type")
+        normals = _rows(split_df, category, "train_good")
+        if normals.empty:
+            raise ValueError(f"split for category {category!r} has no role=='train_good' rows: targets and "
+                             f"syntheses need normal images (the dataset's train/good folder)")
+        self.normals = normals.sort_values("image_id").to_dict("records")
+        self._cache: OrderedDict[str, tuple[Sample, np.ndarray]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _normal(self, row: dict) -> tuple[Sample, np.ndarray]:
+        key = row["image_id"]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        sample = load_sample(row)
+        fg = np.ones(sample.image.shape[:2], dtype=bool) if self.texture else foreground_mask(sample.image)
+        self._cache[key] = (sample, fg)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return sample, fg
+
+    def plan(self, index: int) -> PlannedJob:
+        seed = job_seed(self.seed, self.category, self.method, index)
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+        defect_type = self.types[index % len(self.types)]
+        normal_row = self.normals[int(rng.integers(len(self.normals)))]
+        normal, fg = self._normal(normal_row)
+        candidates = self.by_type[defect_type]
+        ref = self.support[candidates[int(rng.integers(len(candidates)))]]
+        try:
+            target = sample_target_mask(ref.mask, normal.image, rng, self.target_mode, foreground=fg,
+                                        **self.target_options)
+        except ValueError as e:
+            raise ValueError(f"{self.category}/{self.method} job {index}: target mask from support image "
+                             f"{ref.source} onto normal image {normal.source}: {e}") from e
+        job = SynthesisJob(index=index, seed=seed, category=self.category, defect_type=defect_type, normal=normal,
+                           target_mask=target.mask, reference=ref if self.needs_reference else None,
+                           support_ids=self.support_ids)
+        params = dict(target.params, source_id=ref.image_id)
+        return PlannedJob(job, params, normal_row)
+
+
+def plan_jobs(split_df: pd.DataFrame, category: str, method: str, n: int, seed: int, target_mode: str = "affine",
+              needs_reference: bool = True, target_options: dict | None = None) -> list[SynthesisJob]:
+    planner = JobPlanner(split_df, category, method, seed, target_mode, needs_reference, target_options)
+    return [planner.plan(i).job for i in range(n)]
+
+
+def synthesize_partition(storage: Storage, category: str, method_name: str, split_df: pd.DataFrame,
+                         adapter_df: pd.DataFrame, backbone: Any, n: int, seed: int, cfg: dict | None,
+                         progress: Progress | None = None, *, target_mode: str = "affine",
+                         target_options: dict | None = None, chunk_size: int = 32) -> pd.DataFrame:
+    """Synthesize n images of ``category`` with ``method_name``; SYNTHETIC_SCHEMA rows (module doc)."""
+    check_name(category, "category")
+    check_name(method_name, "method")
+    if n < 0 or chunk_size < 1:
+        raise ValueError(f"n must be >= 0 and chunk_size >= 1, got n={n} chunk_size={chunk_size}")
+    method = get_method(method_name)
+    config = method.config(cfg)
+    config_json = dumps(asdict(config))
+    planner = JobPlanner(split_df, category, method_name, seed, target_mode, method.needs_reference, target_options)
+    adapter = _adapter(storage, adapter_df, category, method_name, planner.support_ids)
+    base = f"{SYNTHETIC_DIR}/{category}/{method_name}"
+    rows, written = [], set()
+    with _progress(progress, f"synthesize {category}/{method_name}", n) as report:
+        for start in range(0, n, chunk_size):
+            planned = {i: planner.plan(i) for i in range(start, min(n, start + chunk_size))}
+            jobs = [p.job for p in planned.values()]
+            for result in check_results(jobs, method.synthesize(backbone, adapter, jobs, config)):
+                p = planned[result.job.index]
+                row = _write_result(storage, base, result, p)
+                row.update(method=method_name, config_json=config_json)
+                rows.append(row)
+                written.update([row["image_path"], row["mask_path"], row["target_path"],
+                                *json.loads(row["extras_json"]).values()])
+                report(f"synthesize {category}/{method_name}", len(rows), n)
+    _remove_stale(storage, base, written)
+    df = pd.DataFrame(rows, columns=SYNTHETIC_SCHEMA.names).sort_values("index", ignore_index=True)
+    to_table(df, SYNTHETIC_SCHEMA, "synthetic_anomalies")
+    return df
+
+
+def _write_result(storage: Storage, base: str, result, planned: PlannedJob) -> dict:
+    job = result.job
+    if not result.mask.any():
+        raise RuntimeError(f"{job.category} job {job.index} ({job.defect_type}): the method returned an empty mask; "
+                           f"a synthetic anomaly needs a defect region")
+    stem, dt = f"{job.index:05d}", job.defect_type
+    image_png = encode_png(result.image)
+    paths = {"image_path": storage.write_bytes(f"{base}/images/{dt}/{stem}.png", image_png),
+             "mask_path": storage.write_bytes(f"{base}/masks/{dt}/{stem}_mask.png", encode_png(result.mask)),
+             "target_path": storage.write_bytes(f"{base}/targets/{dt}/{stem}_target.png", encode_png(job.target_mask))}
+    extras = {}
+    for name in sorted(result.extras):
+        check_name(name, "extra map name")
+        extras[name] = storage.write_bytes(f"{base}/extras/{name}/{dt}/{stem}.png",
+                                           encode_png(_to_uint16(result.extras[name], name, job)))
+    h, w = result.image.shape[:2]
+    return dict(paths, category=job.category, defect_type=dt, index=job.index, seed=job.seed,
+                extras_json=dumps(extras), normal_id=job.normal.image_id,
+                normal_path=str(planned.normal_row["image_path"]),
+                normal_dataset_root=str(planned.normal_row["dataset_root"]),
+                reference_id=job.reference.image_id if job.reference is not None else None,
+                support_ids=list(job.support_ids), target_params_json=dumps(planned.target_params),
+                params_json=dumps(result.params), width=w, height=h, sha256=sha256_bytes(image_png),
+                mask_area=int(result.mask.sum()), seconds=float(result.seconds))
+
+
+def _to_uint16(values: np.ndarray, name: str, job: SynthesisJob) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.shape != job.target_mask.shape or not np.isfinite(arr).all():
+        raise RuntimeError(f"job {job.index}: extra map {name!r} must be a finite HxW map {job.target_mask.shape}, "
+                           f"got shape {arr.shape}")
+    return np.rint(np.clip(arr, 0.0, 1.0) * 65535).astype(np.uint16)
+
+
+def _remove_stale(storage: Storage, base: str, keep: set[str]) -> None:
+    root = storage.path(base)
+    if not root.exists():
+        return
+    for p in sorted(root.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        if p.is_dir():
+            if storage.is_local and not any(p.iterdir()):
+                p.rmdir()
+        elif storage.rel(p) not in keep:
+            p.unlink()
+
+
+def _adapter(storage: Storage, adapter_df: pd.DataFrame | None, category: str, method: str,
+             support_ids: Sequence[str]) -> Adapter:
+    if adapter_df is None:
+        raise ValueError(f"no adapter table given for {category}/{method}: run fit_adapter (asset "
+                         f"anomaly_adapters) first")
+    hit = adapter_df[(adapter_df["category"] == category) & (adapter_df["method"] == method)]
+    if len(hit) != 1:
+        raise ValueError(f"adapter table has {len(hit)} rows for {category}/{method}, expected 1: materialize "
+                         f"anomaly_adapters for this partition")
+    row = hit.iloc[0]
+    if sorted(row["support_ids"]) != sorted(support_ids):
+        raise ValueError(f"adapter {category}/{method} was fitted on support images {sorted(row['support_ids'])} "
+                         f"but the split now has {sorted(support_ids)}: re-materialize anomaly_adapters")
+    path = row["adapter_path"]
+    return Adapter(method=method, category=category, path=storage.path(path) if isinstance(path, str) else None,
+                   meta=json.loads(row["meta_json"]))
+
+
+def _rows(split_df: pd.DataFrame, category: str, role: str) -> pd.DataFrame:
+    missing = [c for c in SPLIT_COLUMNS if c not in split_df.columns]
+    if missing:
+        raise ValueError(f"split table lacks columns {missing}: pass the few_shot_splits manifest "
+                         f"(ops.splits.make_split)")
+    return split_df[(split_df["category"] == category) & (split_df["role"] == role)]
+
+
+def _support_rows(split_df: pd.DataFrame, category: str) -> pd.DataFrame:
+    support = _rows(split_df, category, "support")
+    if support.empty:
+        raise ValueError(f"split for category {category!r} has no role=='support' rows: the category needs real "
+                         f"defect images with masks (check the dataset and make_split)")
+    return support.sort_values("image_id")
+
+
+@contextmanager
+def _progress(progress: Progress | None, desc: str, total: int | None) -> Iterator[Progress]:
+    if progress is not None:
+        yield progress
+        return
+    with progress_bar(desc, total) as bar:
+        def report(_desc: str, done: int, _total: int) -> None:
+            bar.update(done - bar.n)
+
+        yield report
