@@ -18,6 +18,7 @@ from ops.atomic import write_bytes_atomic
 from ops.ingest import validate as v
 from ops.progress import progress_bar
 from ops.samples import encode_png
+from ops.storage import check_name
 
 RAW_SCHEMA = pa.schema([
     ("image_id", pa.string()),      # "<folder>/<defect_type>/<stem>", unique within a category
@@ -92,8 +93,6 @@ def list_folder(listing: Listing, folder: Path, split: str, defect_type: str, id
 
 
 def check_type_name(listing: Listing, folder: Path) -> bool:
-    from ops.storage import check_name
-
     try:
         check_name(folder.name, "defect type")
         return True
@@ -118,7 +117,7 @@ def reject_orphans(listing: Listing, mask_root: Path) -> None:
 def process(root: Path, category: str, layout: str, listing: Listing, rule: v.MaskRule,
             cache_dir: Path | None = None) -> IngestResult:
     rows: list[dict] = []
-    rejects = [(p, reason, fix) for p, reason, fix in listing.rejects]
+    rejects = list(listing.rejects)
     seen: set[str] = set()
     with progress_bar(f"ingest {category}", total=len(listing.entries), unit="img") as bar:
         for e in listing.entries:
