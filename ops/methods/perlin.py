@@ -12,7 +12,8 @@ Choices where the paper, its code and the brief differ or are silent:
 - Where: the target mask decides where, the thresholded Perlin pattern decides the shape inside it:
   M = (noise > threshold) ∩ target. If M covers less than ``min_cover`` (5 %) of the target, the threshold is
   lowered to the noise quantile that covers ``fallback_cover`` (50 %) of the target; a single-pixel target
-  becomes M itself. So M is never empty and always inside the target. M is the output mask.
+  becomes M itself. So M is never empty and always inside the target. M is the output mask. (DRAEM's fixed
+  0.5 threshold marks about 5 % of an image, so small targets often take the quantile rule.)
 - β ~ U(0.1, 0.8): the paper states [0.1, 1.0], its code uses U(0, 0.8); β near 1 leaves the image
   unchanged under a mask labelled defect, so the code's upper bound is kept with the paper's lower bound.
 - Anomaly source A (no DTD download): ``texture_source="skimage"`` (default) takes one of scikit-image's
