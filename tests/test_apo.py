@@ -87,16 +87,6 @@ def test_beta_t_refuses_a_scheduler_without_alphas():
         apo_loss.log_snr_derivative(Flow())
 
 
-def test_hierarchical_guidance_with_zero_align_is_plain_cfg_bitwise():
-    g = torch.Generator().manual_seed(2)
-    u, c, p = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
-    eps_hat, delta = apo_sampling.hierarchical_guidance(u, c, p, s_text=7.5, s_align=0.0)
-    assert torch.equal(eps_hat, u + 7.5 * (c - u))
-    assert torch.equal(delta, p - c)
-    eps_hat2, _ = apo_sampling.hierarchical_guidance(u, c, p, s_text=7.5, s_align=2.0)
-    assert torch.allclose(eps_hat2, u + 7.5 * (c - u) + 2.0 * (p - c))
-
-
 def test_localization_of_zero_deviation_is_all_zeros():
     loc = apo_sampling.localization_map([torch.zeros(8, 8)] * 3, [1, 2, 3], (32, 48))
     assert loc.shape == (32, 48) and loc.dtype == np.float32
@@ -127,3 +117,251 @@ def test_refine_keeps_target_when_refinement_would_erase_it():
     assert used and refined.sum() == 32 and not (refined & ~target).any()
     refined, used = apo_sampling.refine_target_mask(target, loc, 0.5, min_keep=0.75)
     assert not used and np.array_equal(refined, target)
+
+
+# ---------------------------------------------------------------- on the tiny backbone
+
+CATEGORY = "brick"
+STEPS = 4  # DDIM steps in the sampling tests: mechanics, not quality
+
+
+def _images(n: int, size: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        base = (rng.random(3) * 200)[None, None] + 30 * np.sin(xx / rng.uniform(3, 9))[..., None]
+        out.append(np.clip(base + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from ops.diffusion.backbone import load_backbone
+
+    return load_backbone("tiny", device="cpu", cache=False)  # private: these tests add and remove LoRA layers
+
+
+@pytest.fixture(scope="module")
+def support():
+    from ops.types import Sample
+
+    imgs = _images(3, 96, seed=0)
+    mask = np.zeros((96, 96), bool)
+    mask[30:60, 20:70] = True
+    return [Sample(f"crack_{i:03d}", CATEGORY, "crack", img, mask, source=f"crack/{i:03d}.png")
+            for i, img in enumerate(imgs)]
+
+
+@pytest.fixture(scope="module")
+def fitted(backbone, support, tmp_path_factory):
+    from ops.methods.apo import APO
+
+    method = APO()
+    cfg = method.config({"train_steps": 12, "lr": 3e-3, "steps": STEPS, "ckpt_every": 5})
+    out = tmp_path_factory.mktemp("apo_adapters")
+    adapter = method.fit(backbone, support, cfg, out)
+    return method, cfg, adapter
+
+
+@pytest.fixture()
+def loaded(backbone, fitted):
+    """The trained crack adapter loaded into the UNet (removed afterwards) with its gate and prompt."""
+    from ops.diffusion import lora
+    from ops.methods.apo import ADAPTER_NAME, read_taca
+    from ops.methods.apo_sampling import LoRAGate
+
+    _, _, adapter = fitted
+    info = read_taca(adapter.path / "crack")
+    lora.load_lora(backbone.unet, adapter.path / "crack" / info["weights"], adapter_name=ADAPTER_NAME)
+    try:
+        with torch.no_grad():
+            cond = backbone.encode_prompt([info["prompt"]])
+        yield LoRAGate(backbone.unet, info["k_min"], info["k_max"], info["T"]), cond, backbone.null_embedding()
+    finally:
+        lora.remove_lora(backbone.unet, ADAPTER_NAME)
+
+
+def _support_latents(backbone, support):
+    from ops.diffusion.vae import encode
+
+    return torch.cat([encode(backbone, s.image) for s in support])
+
+
+def test_loss_is_log2_with_a_fresh_lora_on_the_backbone(backbone, support):
+    from ops.diffusion import lora
+
+    latents = _support_latents(backbone, support)
+    cond = backbone.encode_prompt(["a photo of a brick with a crack defect"]).detach()
+    lora.add_lora(backbone.unet, rank=4, seed=3, adapter_name="probe")
+    try:
+        rng = torch.Generator().manual_seed(0)
+        loss, delta = apo_loss.cpo_batch(backbone.unet, backbone.scheduler, latents, cond, rng, 1000.0, 1, 4, 3)
+        assert torch.equal(delta, torch.zeros(3))
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+        loss.backward()  # B = 0 still receives gradient: training can move away from the reference
+        grads = [p.grad for n, p in backbone.unet.named_parameters() if "lora_B" in n and p.grad is not None]
+        assert grads and any(float(g.abs().max()) > 0 for g in grads)
+    finally:
+        lora.remove_lora(backbone.unet, "probe")
+
+
+def test_training_lowers_the_support_loss_and_trains_only_the_lora(backbone, support, fitted, loaded):
+    method, cfg, adapter = fitted
+    gate, cond, _ = loaded
+    latents = _support_latents(backbone, support)
+    after = apo_loss.support_loss(backbone.unet, backbone.scheduler, latents, cond, cfg.beta, cfg.k_min, cfg.k_max)
+    assert after < 0.8 * math.log(2)
+    from ops.diffusion.lora import lora_disabled
+
+    with lora_disabled(backbone.unet):  # the reference is untouched: the base UNet equals a fresh tiny UNet
+        from ops.diffusion.tiny import build_tiny_components
+
+        fresh = build_tiny_components()["unet"].state_dict()
+        base = {k.replace(".base_layer", ""): v for k, v in backbone.unet.state_dict().items() if "lora_" not in k}
+        assert set(base) == set(fresh)
+        assert all(torch.equal(base[k], fresh[k]) for k in fresh)
+    meta = adapter.meta["defect_types"]["crack"]
+    assert meta["loss_first"] == pytest.approx(math.log(2), abs=1e-6) and not meta["skipped"]
+
+
+def test_fit_writes_diffusers_lora_and_taca_and_reruns_idempotently(backbone, support, fitted, tmp_path):
+    import json
+
+    method, cfg, adapter = fitted
+    d = adapter.path / "crack"
+    info = json.loads((d / "taca.json").read_text())
+    assert (info["k_min"], info["k_max"], info["rank"], info["T"]) == (1, 4, 4, 1000)
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["checkpoint-00000012.pt"]
+    stamp = (d / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    again = method.fit(backbone, support, cfg, adapter.path)
+    assert again.meta["defect_types"]["crack"]["skipped"]
+    assert (d / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == stamp
+    pipe = backbone.to_pipeline()  # the ecosystem loader reads the file
+    pipe.load_lora_weights(str(d), weight_name="pytorch_lora_weights.safetensors", adapter_name="check")
+    assert "check" in backbone.unet.peft_config
+    pipe.delete_adapters("check")
+    assert not getattr(backbone.unet, "peft_config", None)
+
+
+def test_changed_training_config_retrains_instead_of_resuming(backbone, support, tmp_path):
+    from ops.methods.apo import APO
+
+    method = APO()
+    first = method.fit(backbone, support[:1], method.config({"train_steps": 2}), tmp_path)
+    second = method.fit(backbone, support[:1], method.config({"train_steps": 2, "beta": 10.0}), tmp_path)
+    a, b = first.meta["defect_types"]["crack"], second.meta["defect_types"]["crack"]
+    assert a["config_hash"] != b["config_hash"] and not b["skipped"]
+
+
+def test_zero_align_reproduces_reference_cfg_sampling_exactly(backbone, loaded):
+    from ops.diffusion.ddim import cfg_branches, sample
+    from ops.diffusion.lora import lora_disabled
+    from ops.methods.apo_sampling import generate, initial_noise
+
+    gate, cond, uncond = loaded
+    size = (backbone.resolution, backbone.resolution)
+    with lora_disabled(backbone.unet):
+        branches, guidance = cfg_branches(cond, uncond, 5.0)
+        ref = sample(backbone, initial_noise(backbone, 7), branches, guidance, num_steps=STEPS)["x"]
+    plain = generate(backbone, gate, cond, uncond, 7, size, STEPS, 5.0, 0.0, branch_mode="sequential")
+    assert torch.equal(plain.latent, ref)
+    batched = generate(backbone, gate, cond, uncond, 7, size, STEPS, 5.0, 0.0, branch_mode="batched")
+    # one batch of 3 vs calls of 1: the same math, float32 kernels may round differently (measured ~1e-6 relative)
+    assert float((batched.latent - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    aligned = generate(backbone, gate, cond, uncond, 7, size, STEPS, 5.0, 1.5, branch_mode="sequential")
+    assert (aligned.latent - ref).abs().max() > 1e-3  # the trained adapter does change the samples
+
+
+def test_zeroed_lora_gives_an_all_zero_localization(backbone, loaded):
+    from ops.methods.apo_sampling import generate, threshold_map
+
+    gate, cond, uncond = loaded
+    size = (80, 100)
+    trained = generate(backbone, gate, cond, uncond, 1, size, STEPS, 5.0, 1.5)
+    assert trained.localization.shape == size and trained.localization.max() == pytest.approx(1.0)
+    with torch.no_grad():
+        for name, p in backbone.unet.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    zeroed = generate(backbone, gate, cond, uncond, 1, size, STEPS, 5.0, 1.5)
+    assert not zeroed.localization.any()
+    assert not threshold_map(zeroed.localization, 0.5).any()
+
+
+def test_placed_generation_keeps_the_normal_trajectory_outside_the_mask(backbone, loaded):
+    from ops.diffusion.blend import latent_mask
+    from ops.methods.apo_sampling import generate
+
+    gate, cond, uncond = loaded
+    normal = _images(1, 112, seed=5)[0]
+    target = np.zeros((112, 112), bool)
+    target[40:70, 30:90] = True
+    seen, inv = [], {}
+
+    def record(state):
+        seen.append((state.level_to, state.latents["x"].clone()))
+
+    gen = generate(backbone, gate, cond, uncond, 11, (112, 112), STEPS, 5.0, 1.5, normal=normal, target_mask=target,
+                   callbacks=[record], on_inversion=lambda i: inv.setdefault("inv", i))
+    traj = inv["inv"].trajectory
+    m = latent_mask(target, tuple(gen.latent.shape[-2:]))[0, 0]
+    assert len(seen) == STEPS
+    for level, z in seen:
+        assert torch.equal(z[..., ~m], traj[level][..., ~m])
+        assert not torch.equal(z[..., m], traj[level][..., m])
+    assert torch.equal(gen.latent[..., ~m], traj[0][..., ~m])
+    assert np.array_equal(gen.image[~gen.region], normal[~gen.region])
+    assert gen.region[target].all() and not gen.region.all()
+    assert (gen.image[target] != normal[target]).any()
+
+
+def test_synthesize_contract_determinism_and_modes(backbone, fitted):
+    from ops.methods.base import check_results
+    from ops.types import Sample, SynthesisJob
+
+    method, cfg, adapter = fitted
+    normal = Sample("good_000", CATEGORY, "good", _images(1, 72, seed=9)[0])
+    target = np.zeros((72, 72), bool)
+    target[10:40, 20:50] = True
+    jobs = [SynthesisJob(i, 100 + i, CATEGORY, "crack", normal, target) for i in range(2)]
+    placed = list(check_results(jobs, method.synthesize(backbone, adapter, jobs, cfg)))
+    for r in placed:
+        loc = r.extras["localization"]
+        assert loc.dtype == np.float32 and loc.shape == (72, 72) and 0 <= loc.min() and loc.max() <= 1
+        assert not (r.mask & ~target).any()
+        assert {"s_text", "s_align", "mode", "steps", "threshold", "adapter_hash"} <= set(r.params)
+        assert r.params["mode"] == "placed" and r.params["s_align"] == cfg.s_align
+    again = list(method.synthesize(backbone, adapter, jobs[:1], cfg))
+    assert np.array_equal(again[0].image, placed[0].image) and np.array_equal(again[0].mask, placed[0].mask)
+    assert not np.array_equal(placed[0].image, placed[1].image)  # another seed, another defect
+    free_cfg = method.config({"mode": "free", "steps": STEPS, "threshold": 0.6})
+    free = list(check_results(jobs[:1], method.synthesize(backbone, adapter, jobs[:1], free_cfg)))[0]
+    assert np.array_equal(free.mask, free.extras["localization"] > 0.6)
+    assert not getattr(backbone.unet, "peft_config", None)  # the shared UNet is left without APO's LoRA
+
+
+def test_synthesize_without_adapter_names_the_missing_file(backbone, fitted, tmp_path):
+    from ops.types import Adapter, Sample, SynthesisJob
+
+    method, cfg, _ = fitted
+    normal = Sample("good_000", CATEGORY, "good", _images(1, 32, seed=1)[0])
+    job = SynthesisJob(0, 0, CATEGORY, "hole", normal, np.ones((32, 32), bool))
+    with pytest.raises(FileNotFoundError, match=r"hole/taca\.json.*anomaly_adapters"):
+        list(method.synthesize(backbone, Adapter("apo", CATEGORY, tmp_path), [job], cfg))
+
+
+def test_config_presets_and_validation():
+    from ops.methods.apo import APO
+
+    method = APO()
+    demo = method.config({})
+    assert (demo.train_steps, demo.steps, demo.mode) == (30, 12, "placed")
+    paper = method.config({"preset": "paper", "s_align": 2.0})
+    assert (paper.rank, paper.k_min, paper.k_max, paper.steps, paper.s_text, paper.s_align) == (32, 8, 32, 50, 7.5, 2.0)
+    with pytest.raises(ValueError, match="k_max"):
+        method.config({"k_max": 8})
+    with pytest.raises(ValueError, match="unknown option"):
+        method.config({"s_allign": 1.0})
+    with pytest.raises(ValueError, match="preset"):
+        method.config({"preset": "fast"})

@@ -19,11 +19,18 @@ with λ_t = log SNR(t) = log(ᾱ_t / (1 − ᾱ_t)). Choices where the paper is 
 - Target: ε for ``prediction_type="epsilon"``; the velocity for ``"v_prediction"`` (the same derivation holds in
   v-space up to a per-t factor that β_t absorbs). Other prediction types are refused.
 - With the LoRA's B matrices at zero (peft's init) ε_θ ≡ ε_ref, Δ = 0 and the loss is exactly log 2.
+- ``cpo_batch``: ε_ref is the same UNet under ``lora_disabled`` (no graph), ε_θ runs under ``taca_context`` with
+  each sample's own t, so only the LoRA's first k(t) rank dimensions receive gradient from that sample.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from ops.diffusion.lora import lora_disabled
+from ops.diffusion.taca import taca_context
 
 _EPS = 1e-12
 
@@ -80,3 +87,39 @@ def cpo_loss(pred_policy: torch.Tensor, pred_ref: torch.Tensor, target: torch.Te
     delta = cpo_delta(pred_policy, pred_ref.detach(), target)
     loss = -F.logsigmoid(-betas.to(delta) * delta).mean()
     return loss, delta.detach()
+
+
+def cpo_batch(unet: Any, scheduler: Any, latents: torch.Tensor, cond: torch.Tensor, rng: torch.Generator,
+              beta: float, k_min: int, k_max: int, batch_size: int,
+              timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CPO mini-batch: (loss, per-sample Δ). Randomness comes from ``rng`` only."""
+    T = scheduler.config.num_train_timesteps
+    idx = torch.randint(0, latents.shape[0], (batch_size,), generator=rng, device=rng.device)
+    z0 = latents[idx.to(latents.device)]
+    noise = torch.randn(z0.shape, generator=rng, device=rng.device).to(z0)
+    if timesteps is None:
+        timesteps = torch.randint(0, T, (batch_size,), generator=rng, device=rng.device)
+    t = timesteps.to(z0.device).long()
+    zt = scheduler.add_noise(z0, noise, t)
+    target = prediction_target(scheduler, z0, noise, t)
+    c = cond.expand(batch_size, -1, -1)
+    with torch.no_grad(), lora_disabled(unet):
+        ref = unet(zt, t, encoder_hidden_states=c).sample
+    with taca_context(unet, t, k_min, k_max, T):
+        policy = unet(zt, t, encoder_hidden_states=c).sample
+    return cpo_loss(policy, ref, target, beta_t(scheduler, t, beta))
+
+
+@torch.no_grad()
+def support_loss(unet: Any, scheduler: Any, latents: torch.Tensor, cond: torch.Tensor, beta: float, k_min: int,
+                 k_max: int, n: int = 8, seed: int = 12345) -> float:
+    """Mean CPO loss over a fixed probe: every support latent at the midpoints of ``n`` equal bins of [0, T) with
+    seeded noise (a stratified estimate of E_t[L], low-variance, to compare an adapter before and after training).
+    Midpoints keep t = 0 out, where SD's β_t is ~100x the mid-schedule value and one sample would dominate."""
+    T = scheduler.config.num_train_timesteps
+    rng = torch.Generator("cpu").manual_seed(seed)
+    t = ((torch.arange(n) + 0.5) * T / n).long()
+    total = 0.0
+    for i in range(latents.shape[0]):
+        total += float(cpo_batch(unet, scheduler, latents[i:i + 1], cond, rng, beta, k_min, k_max, n, timesteps=t)[0])
+    return total / latents.shape[0]
