@@ -11,6 +11,7 @@ from ops.methods.base import Method
 _METHODS: dict[str, str] = {
     "cutpaste": "ops.methods.cutpaste:CutPaste",
     "perlin": "ops.methods.perlin:Perlin",
+    "apo": "ops.methods.apo:APO",
 }
 
 BASELINES = ("cutpaste", "perlin")
