@@ -70,9 +70,13 @@ def dagster_home(path: Path) -> Iterator[Path]:
 
 
 def _first_error(result: Any) -> str:
+    """The root cause of the first failed step (Dagster wraps user errors in its own)."""
     for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            return event.event_specific_data.error.to_string().strip().splitlines()[-1]
+        if event.event_type_value == "STEP_FAILURE" and event.event_specific_data.error is not None:
+            error = event.event_specific_data.error
+            while error.cause is not None:
+                error = error.cause
+            return f"{event.step_key}: {error.message.strip()}"
     return "run failed"
 
 
