@@ -27,6 +27,14 @@ def forge_home() -> Path:
     return Path(os.environ.get("ANOMALY_FORGE_HOME", "demo_out")).expanduser().resolve()
 
 
+def _int_env(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} must be an integer") from None
+
+
 class ForgeSettings(dg.ConfigurableResource):
     """Counts, seeds, protocols and per-stage options of a pipeline deployment."""
 
@@ -46,8 +54,8 @@ class ForgeSettings(dg.ConfigurableResource):
         roots = os.environ.get("ANOMALY_FORGE_DATASETS")
         values: dict[str, Any] = {
             "dataset_roots": roots.split(os.pathsep) if roots else [str(forge_home() / "data")],
-            "n_per_partition": int(os.environ.get("ANOMALY_FORGE_N", "64")),
-            "seed": int(os.environ.get("ANOMALY_FORGE_SEED", "0")),
+            "n_per_partition": _int_env("ANOMALY_FORGE_N", 64),
+            "seed": _int_env("ANOMALY_FORGE_SEED", 0),
         }
         values.update(overrides)
         return cls(**values)

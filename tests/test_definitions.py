@@ -127,3 +127,17 @@ def test_workspace_yaml_loads_with_the_dagster_cli(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0 and "anomaly_forge" in res.stderr + res.stdout, res.stderr[-3000:]
+
+
+def test_backbone_is_loaded_only_for_methods_that_need_it():
+    from assets.generation import _backbone_for
+    from ops.methods.registry import available_methods, get_method
+    from resources.backbone import DiffusionBackbone
+
+    missing = DiffusionBackbone(model="/nonexistent/stable-diffusion")  # constructing it loads nothing
+    for name in available_methods():
+        if get_method(name).needs_backbone:
+            with pytest.raises(FileNotFoundError, match="/nonexistent/stable-diffusion"):
+                _backbone_for(name, missing)
+        else:
+            assert _backbone_for(name, missing) is None
