@@ -1,0 +1,192 @@
+"""Attention control: identity, capture, TriAG grafting, re-weighting, token regions, delayed focus."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+
+from ops.diffusion.attention import (AttentionController, Capture, ControlledProcessor, DelayedFocus, Graft,
+                                     LayerInfo, Reweight, TokenRegions)
+from ops.diffusion.backbone import load_backbone
+from ops.diffusion.branches import Branch, BranchRunner
+from ops.diffusion.ddim import sample
+
+torch.set_num_threads(1)
+T = 500
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return load_backbone("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cond(bb):
+    with torch.no_grad():
+        return bb.encode_prompt(["a photo of a scratch"])
+
+
+def _z(seed):
+    return torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _box(y0, y1, x0, x1, size=128):
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _eps(bb, latents, branches, rules=(), mode="sequential", explicit=False):
+    ctl = AttentionController(bb.unet, rules=rules, explicit=explicit)
+    with ctl, torch.no_grad():
+        out = BranchRunner(bb, mode=mode, controller=ctl)(latents, T, branches)
+    return out, ctl
+
+
+def _plain(bb, z, c):
+    with torch.no_grad():
+        return bb.unet(z, T, encoder_hidden_states=c).sample
+
+
+def test_identity_processor_matches_default_and_restores(bb, cond):
+    z = _z(0)
+    before = dict(bb.unet.attn_processors)
+    ref = _plain(bb, z, cond)
+    out, _ = _eps(bb, {"x": z}, [Branch("x", cond)], explicit=True)
+    torch.testing.assert_close(out["x"], ref, atol=1e-5, rtol=1e-5)
+    with AttentionController(bb.unet) as ctl:
+        assert all(isinstance(p, ControlledProcessor) for p in bb.unet.attn_processors.values())
+        with pytest.raises(RuntimeError, match="already installed"):
+            ctl.__enter__()
+    assert all(bb.unet.attn_processors[k] is p for k, p in before.items())
+
+
+def test_capture_shapes_and_normalisation(bb, cond):
+    rules = [Capture("cross"), Capture("self", resolutions=[16]), Capture("cross", tokens=[1, 5], layers=["up"], name="sub")]
+    out, ctl = _eps(bb, {"x": _z(1)}, [Branch("x", cond)], rules)
+    torch.testing.assert_close(out["x"], _plain(bb, _z(1), cond), atol=1e-5, rtol=1e-5)  # capture only observes
+    cross = [v for k, v in ctl.captured.items() if k[0] == "cross" and k[4] == ""]
+    selfm = [v for k, v in ctl.captured.items() if k[0] == "self"]
+    assert len(cross) == 4 and len(selfm) == 4  # tiny UNet: 4 transformer blocks at 16x16
+    for m in cross:
+        assert m.shape == (1, 16, 16, 77)
+        torch.testing.assert_close(m.sum(-1), torch.ones(1, 16, 16), atol=1e-5, rtol=0)
+    for m in selfm:
+        assert m.shape == (1, 256, 256)
+        torch.testing.assert_close(m.sum(-1), torch.ones(1, 256), atol=1e-5, rtol=0)
+    assert ctl.maps("self", "x", 16).shape == (1, 256, 256)
+    assert ctl.maps("cross", "x", 16, name="sub").shape == (1, 16, 16, 2)
+    sub = [v for k, v in ctl.captured.items() if k[0] == "cross" and k[4] == "sub"]
+    assert len(sub) == 2 and all(s.shape == (1, 16, 16, 2) for s in sub)  # the two up-block layers
+    full_up = [v for k, v in ctl.captured.items() if k[0] == "cross" and k[4] == "" and k[3].startswith("up")]
+    torch.testing.assert_close(sub[0], full_up[0][..., [1, 5]])
+    with pytest.raises(KeyError, match="no captured"):
+        ctl.maps("cross", "other-branch")
+
+
+def _three(cond):
+    return [Branch("ref", cond, "ref"), Branch("nrm", cond, "nrm"), Branch("tgt", cond, "tgt")]
+
+
+def test_graft_with_empty_target_mask_is_the_plain_target(bb, cond):
+    lat = {"ref": _z(2), "nrm": _z(3), "tgt": _z(4)}
+    empty, ref_mask = _box(0, 0, 0, 0), _box(20, 80, 20, 80)
+    own = Graft("tgt", "ref", empty, ref_mask)
+    for mode in ("sequential", "batched"):
+        out, _ = _eps(bb, lat, _three(cond), [own], mode=mode)
+        torch.testing.assert_close(out["tgt"], _plain(bb, lat["tgt"], cond), atol=1e-5, rtol=1e-5)
+    same = dict(lat, nrm=lat["tgt"])  # normal K/V outside M_T == the target's own when the latents agree
+    out, _ = _eps(bb, same, _three(cond), [Graft("tgt", "ref", empty, ref_mask, normal="nrm")])
+    torch.testing.assert_close(out["tgt"], _plain(bb, lat["tgt"], cond), atol=1e-5, rtol=1e-5)
+    grafted, _ = _eps(bb, lat, _three(cond), [Graft("tgt", "ref", _box(30, 90, 30, 90), ref_mask, normal="nrm")])
+    assert (grafted["tgt"] - _plain(bb, lat["tgt"], cond)).abs().max() > 1e-3
+    torch.testing.assert_close(grafted["ref"], _plain(bb, lat["ref"], cond), atol=1e-5, rtol=1e-5)
+
+
+def _attn_layer():
+    torch.manual_seed(0)
+    return Attention(query_dim=8, heads=2, dim_head=4).eval()
+
+
+def _softmax_attn(attn, q_in, kv_in, key_ok=None):
+    q = attn.to_q(q_in).view(1, -1, 2, 4).transpose(1, 2)
+    k = attn.to_k(kv_in).view(1, -1, 2, 4).transpose(1, 2)
+    v = attn.to_v(kv_in).view(1, -1, 2, 4).transpose(1, 2)
+    s = q @ k.transpose(-1, -2) * attn.scale
+    if key_ok is not None:
+        s = s.masked_fill(~key_ok, float("-inf"))
+    o = (s.softmax(-1) @ v).transpose(1, 2).reshape(1, -1, 8)
+    return attn.to_out[0](o)
+
+
+def test_graft_math_on_one_layer():
+    """TriAG on a lone self-attention layer (4x4 grid): fg = softmax over reference keys inside M_R, bg = normal
+    K/V, stitched by M_T; reference content outside M_R cannot leak in."""
+    attn = _attn_layer()
+    g = torch.Generator().manual_seed(1)
+    ref, nrm, tgt = (torch.randn(1, 16, 8, generator=g) for _ in range(3))
+    m_t, m_r = _box(0, 2, 0, 2, size=4), _box(2, 4, 1, 4, size=4)
+    ctl = AttentionController(torch.nn.Module(), rules=[Graft("tgt", "ref", m_t, m_r, normal="nrm")])
+    proc = ControlledProcessor(ctl, LayerInfo("a", "up", "self"), original=None)
+    ctl.begin_call([("ref", 1), ("nrm", 1), ("tgt", 1)], (4, 4))
+    with torch.no_grad():
+        out = proc(attn, torch.cat([ref, nrm, tgt]))[2:]
+        fg = _softmax_attn(attn, tgt, ref, torch.from_numpy(m_r.reshape(1, 1, 1, 16)))
+        bg = _softmax_attn(attn, tgt, nrm)
+        inside = torch.from_numpy(m_t.reshape(1, 16, 1))
+        torch.testing.assert_close(out, torch.where(inside, fg, bg), atol=1e-6, rtol=1e-5)
+        ref2 = ref.clone()
+        ref2[:, ~torch.from_numpy(m_r.reshape(16))] += 5.0  # change the reference outside M_R only
+        out2 = proc(attn, torch.cat([ref2, nrm, tgt]))[2:]
+        torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-5)
+
+
+def test_reweight_factor_one_is_neutral_and_two_is_not(bb, cond):
+    z, m = _z(5), _box(32, 96, 32, 96)
+    plain = _plain(bb, z, cond)
+    for kind, extra in (("cross", {"tokens": [5]}), ("self", {"key_mask": m})):
+        one, _ = _eps(bb, {"x": z}, [Branch("x", cond)], [Reweight(1.0, kind=kind, query_mask=m, **extra)])
+        torch.testing.assert_close(one["x"], plain, atol=1e-5, rtol=1e-5)
+        two, _ = _eps(bb, {"x": z}, [Branch("x", cond)], [Reweight(2.0, kind=kind, query_mask=m, **extra)])
+        assert (two["x"] - plain).abs().max() > 1e-3
+    off, _ = _eps(bb, {"x": z}, [Branch("x", cond)], [Reweight(2.0, tokens=[5], steps=[3])])  # not this step
+    torch.testing.assert_close(off["x"], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_reweight_scales_only_masked_rows_and_chosen_tokens(bb, cond):
+    m = _box(0, 64, 0, 128)  # top half of the image
+    _, ctl = _eps(bb, {"x": _z(6)}, [Branch("x", cond)],
+                  [Reweight(3.0, tokens=[5], query_mask=m, layers=["down"]), Capture("cross", layers=["down"])])
+    _, base = _eps(bb, {"x": _z(6)}, [Branch("x", cond)], [Capture("cross", layers=["down"])])
+    a, b = ctl.maps("cross", "x", 16), base.maps("cross", "x", 16)
+    torch.testing.assert_close(a[:, :8, :, 5], 3 * b[:, :8, :, 5], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a[:, 8:], b[:, 8:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a[:, :8, :, :5], b[:, :8, :, :5], atol=1e-6, rtol=1e-5)
+
+
+def test_token_regions_restrict_softmax_per_region(bb, cond):
+    m = _box(0, 128, 0, 64)  # left half: defect tokens; right half: background tokens
+    rules = [TokenRegions([(m, [0, 5]), (None, [0, 1, 2, 3])]), Capture("cross")]
+    out, ctl = _eps(bb, {"x": _z(7)}, [Branch("x", cond)], rules)
+    a = ctl.maps("cross", "x", 16)
+    left, right = a[:, :, :8], a[:, :, 8:]
+    torch.testing.assert_close(left[..., [0, 5]].sum(-1), torch.ones(1, 16, 8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(right[..., :4].sum(-1), torch.ones(1, 16, 8), atol=1e-5, rtol=0)
+    assert left[..., 1:5].abs().max() == 0 and right[..., 4:].abs().max() == 0
+    assert (out["x"] - _plain(bb, _z(7), cond)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="at least one token"):
+        AttentionController(bb.unet, rules=[TokenRegions([(m, [])])])
+
+
+def test_delayed_focus_switches_on_after_the_threshold(bb, cond):
+    m = _box(32, 96, 32, 96)
+    for thr, expect_on in ((-1.0, True), (1.01, False)):
+        ctl = AttentionController(bb.unet)
+        dfs = ctl.add(DelayedFocus(mask=m, token=5, branch="x", threshold=thr))
+        ctl.add(Reweight(2.0, tokens=[5], query_mask=m, steps=dfs))
+        with ctl:
+            sample(bb, _z(8), [Branch("x", cond)], num_steps=3, runner=BranchRunner(bb, controller=ctl))
+        assert len(dfs.history) == (1 if expect_on else 2)  # step 0 has no previous map; latched once on
+        assert (dfs.on_since == 1) if expect_on else dfs.on_since is None
+        assert all(0.0 <= a <= 1.0 for a in dfs.history)
