@@ -93,6 +93,9 @@ def test_localization_refinement_thresholds_inside_the_dilated_target():
     np.testing.assert_array_equal(got, expected)
 
 
+CORES = [(40, 40, 8, 10), (60, 50, 6, 6)]
+
+
 def _write_partition(tmp_path, method="bgdisentangle", with_attention=True):
     storage = Storage(tmp_path / "store")
     data = tmp_path / "data"
@@ -105,7 +108,9 @@ def _write_partition(tmp_path, method="bgdisentangle", with_attention=True):
         base = f"images/synthetic_anomalies/cat/{method}"
         extras = {}
         if with_attention:
-            att = (region.astype(np.float64) * 0.9 * 65535).astype(np.uint16)
+            # 0.4 on the painted region, 0.8 on its core: only the core passes eq. 13's 1/2 on the true scale
+            core = region & _ellipse(*CORES[idx])
+            att = ((0.4 * region + 0.4 * core) * 65535).astype(np.uint16)
             extras["attention"] = storage.write_bytes(f"{base}/extras/attention/scratch/{idx:05d}.png",
                                                       encode_png(att))
         rows.append(dict(
@@ -128,7 +133,7 @@ def test_refine_partition_writes_every_kind_and_picks_the_configured_final(tmp_p
     assert row["final_path"] == "images/refined_masks/cat/bgdisentangle/final/scratch/00000_mask.png"
     assert pd.isna(row["localization_path"]) and np.isnan(row["localization_area"])
     final = read_mask(storage.path(row["final_path"]))
-    assert iou(final, _ellipse(40, 40, 12, 16)) >= 0.9  # the 16-bit attention map was read on its real scale
+    assert iou(final, _ellipse(*CORES[0])) >= 0.9  # the 16-bit attention map was read on its real scale
     assert row["final_area"] == final.sum() and row["final_iou"] == pytest.approx(iou(final, read_mask(
         storage.path(row["target_path"]))))
     assert (df["diff_iou"] < 1).all() and (df["method_iou"] == 1).all()

@@ -5,7 +5,7 @@ blend a few pixels past the mask edge (cutpaste feathering, latent-space blendin
 seam belongs to the defect, not to the background. Choices where no spec exists:
 - PSNR over background pixels only (MSE on 0..255 RGB); identical backgrounds would be +inf, reported as
   ``psnr_cap`` (100 dB) so that means stay finite.
-- SSIM (scikit-image, 7x7 Gaussian-free windows, ``data_range=255``, per channel) of the composite
+- SSIM (scikit-image defaults: uniform 7x7 windows, ``data_range=255``, per channel) of the composite
   ``where(background, synthetic, normal)`` against the normal image, averaged over background pixels: the defect
   region is made identical, so windows straddling the border only see background changes.
 - Perceptual distance (LPIPS or the EfficientNet-Lite0 fallback) of that same composite against the normal image.
