@@ -23,20 +23,28 @@ torch.set_num_threads(1)
 N = 8
 
 
-def test_cutpaste_background_is_perfect_outside_its_blending_margin(demo_split):
+@pytest.fixture(scope="module")
+def grass(tmp_path_factory):
+    return build_demo_dataset(tmp_path_factory.mktemp("quality_data"), ["grass"], size=64)
+
+
+def test_cutpaste_background_is_perfect_outside_its_blending_margin(grass):
+    from ops.ingest import ingest_category
     from ops.methods.cutpaste import CutPaste, CutPasteConfig
     from ops.samples import load_sample
+    from ops.splits import make_split
     from ops.types import Adapter, SynthesisJob
 
+    demo_split = make_split(ingest_category(grass, "grass").rows)
     normal = load_sample(demo_split[demo_split["role"] == "train_good"].iloc[0])
     support = demo_split[demo_split["role"] == "support"].iloc[0]
     ref = load_sample(support)
     target = np.zeros(normal.image.shape[:2], bool)
     target[20:40, 18:44] = True
-    job = SynthesisJob(index=0, seed=3, category="brick", defect_type=ref.defect_type, normal=normal,
+    job = SynthesisJob(index=0, seed=3, category="grass", defect_type=ref.defect_type, normal=normal,
                        target_mask=target, reference=ref)
     cfg = CutPasteConfig(margin=3)
-    out = next(iter(CutPaste().synthesize(None, Adapter("cutpaste", "brick"), [job], cfg)))
+    out = next(iter(CutPaste().synthesize(None, Adapter("cutpaste", "grass"), [job], cfg)))
     assert (out.image != normal.image).any()
     psnr, ssim = psnr_ssim(out.image, normal.image, background_region(target, out.mask, margin=3))
     assert psnr == 100.0 and ssim == pytest.approx(1.0, abs=1e-12)
@@ -45,9 +53,9 @@ def test_cutpaste_background_is_perfect_outside_its_blending_margin(demo_split):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, grass):
     base = tmp_path_factory.mktemp("quality_stage")
-    data = build_demo_dataset(base / "data", ["grass"], size=64)
+    data = grass
     root = str(base / "storage")
     resources = {"storage": StorageResource(root=root), "io_manager": ParquetIOManager(root=root),
                  "settings": ForgeSettings(dataset_roots=[str(data)], n_per_partition=N,
