@@ -1,0 +1,174 @@
+"""anomalib detectors built offline and trained through anomalib's Engine.
+
+- ``segmenter``: the papers' focal-loss segmentation U-Net (:mod:`ops.detection.segmenter`).
+- ``supersimplenet``: ``Supersimplenet(supervised=True)``, the one anomalib model whose training step uses
+  anomalous images and masks; it gets the synthetic anomalies through the custom datamodule.
+- ``draem``: DRAEM with the synthetic anomalies replacing its Perlin source (:class:`SyntheticDraem`).
+- ``patchcore``: one-class PatchCore on normal images only: the "no synthetic data" reference row.
+
+Choices recorded here:
+
+- Pretrained backbones come from :mod:`ops.detection.backbones` (never downloaded); DRAEM gets an existing
+  empty ``dtd_dir`` so that its constructor does not fetch DTD, and its Perlin generator is removed.
+- Checkpoints are chosen on the validation split (synthetic slice or support set, never test) by
+  ``val_pixel_AUPR`` (pixel AP, the papers' headline segmentation metric), ties to the earlier step; PatchCore
+  has nothing to choose (one pass) and keeps its only checkpoint.
+- DRAEM's reconstruction target for a synthetic anomaly is the normal image it was drawn on (``recon_path``);
+  for a normal image it is the image itself, exactly as in DRAEM where the clean image is the target.
+- The Engine's results folder is ``<detector dir>/engine`` (cleared before each training so that reruns do not
+  pile up versions); the chosen checkpoint is written to ``<detector dir>/checkpoints/best.ckpt``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.callbacks import ModelCheckpoint
+from anomalib.data.utils import read_image
+from anomalib.engine import Engine
+from anomalib.metrics import AUPR, AUROC, Evaluator
+from anomalib.models import AnomalibModule, Draem, Patchcore, Supersimplenet
+from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork, ReconstructiveSubNetwork
+from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import Callback
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+from torchvision.transforms.v2 import functional as TF
+
+from ops.detection.backbones import OfflineBackbone, verify_backbone
+from ops.detection.segmenter import Segmenter
+from ops.methods.base import Progress, no_progress
+
+DETECTORS = ("segmenter", "supersimplenet", "draem", "patchcore")
+ONE_CLASS = ("patchcore",)  # trained without synthetic data
+NEEDS_BACKBONE = ("supersimplenet", "patchcore")
+SELECT_METRIC = "val_pixel_AUPR"
+
+
+def make_evaluator(select: bool) -> Evaluator:
+    """Validation metrics only: they drive checkpoint selection; test metrics are computed by ``evaluate``."""
+    if not select:
+        return Evaluator(val_metrics=[], test_metrics=[])
+    return Evaluator(val_metrics=[AUPR(fields=["anomaly_map", "gt_mask"], prefix="val_pixel_", strict=False),
+                                  AUROC(fields=["pred_score", "gt_label"], prefix="val_image_", strict=False)],
+                     test_metrics=[])
+
+
+def _pre(size: int, backbone: OfflineBackbone | None = None) -> PreProcessor:
+    steps: list[Any] = [Resize((size, size), antialias=True)]
+    if backbone is not None:
+        steps.append(Normalize(mean=list(backbone.mean), std=list(backbone.std)))
+    return PreProcessor(transform=Compose(steps))
+
+
+class SyntheticDraem(Draem):
+    """DRAEM trained on the datamodule's normal + synthetic pairs instead of Perlin-noise anomalies."""
+
+    def __init__(self, dtd_dir: str, recon_width: int = 128, disc_width: int = 64, lr: float = 1e-4,
+                 pre_processor: Any = True, evaluator: Any = True) -> None:
+        super().__init__(dtd_dir=dtd_dir, pre_processor=pre_processor, evaluator=evaluator, visualizer=False)
+        del self.augmenter  # the Perlin source is replaced, never sampled
+        if recon_width != 128:
+            self.model.reconstructive_subnetwork = ReconstructiveSubNetwork(base_width=recon_width)
+        if disc_width != 64:
+            self.model.discriminative_subnetwork = DiscriminativeSubNetwork(in_channels=6, out_channels=2,
+                                                                            base_width=disc_width)
+        self.lr = lr
+        self.recon_paths: dict[str, str] = {}  # synthetic image path -> its source normal (set before training)
+        self._recon_cache: dict[str, torch.Tensor] = {}
+
+    def reconstruction_targets(self, batch: Any) -> torch.Tensor:
+        target = batch.image.clone()
+        for i, (path, label) in enumerate(zip(batch.image_path, batch.gt_label)):
+            if not bool(label):
+                continue
+            src = self.recon_paths.get(path)
+            if not src:
+                raise KeyError(f"{path}: no source normal image for DRAEM's reconstruction target; the synthetic "
+                               f"manifest row needs normal_path/normal_dataset_root")
+            if src not in self._recon_cache:
+                self._recon_cache[src] = read_image(src, as_tensor=True)
+            target[i] = TF.resize(self._recon_cache[src], list(batch.image.shape[-2:]), antialias=True).to(target)
+        return target
+
+    def training_step(self, batch: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        del args, kwargs
+        reconstruction, prediction = self.model(batch.image)
+        loss = self.loss(self.reconstruction_targets(batch), reconstruction, batch.gt_mask.unsqueeze(1), prediction)
+        self.log("train_loss", loss.item(), on_epoch=True, prog_bar=False, logger=False)
+        return {"loss": loss}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params=self.model.parameters(), lr=self.lr)
+
+
+def build_model(name: str, opts: dict[str, Any], image_size: int, backbone: OfflineBackbone | None = None,
+                dtd_dir: str | None = None, weak_tau: float | None = None) -> AnomalibModule:
+    """One detector, offline; ``opts`` are that detector's constructor options from the detection config."""
+    if name in NEEDS_BACKBONE and backbone is None:
+        raise ValueError(f"detector {name!r} needs a pretrained backbone (ops.detection.backbones.resolve_backbone)")
+    if name == "segmenter":
+        return Segmenter(**opts, weak_tau=weak_tau, image_size=image_size, evaluator=make_evaluator(True))
+    if name == "supersimplenet":
+        model = Supersimplenet(backbone=backbone.timm_name, supervised=True, pre_processor=_pre(image_size, backbone),
+                               evaluator=make_evaluator(True), visualizer=False, **opts)
+    elif name == "patchcore":
+        model = Patchcore(backbone=backbone.timm_name, pre_trained=True, pre_processor=_pre(image_size, backbone),
+                          evaluator=make_evaluator(False), visualizer=False, **opts)
+    elif name == "draem":
+        if not dtd_dir or not Path(dtd_dir).is_dir():
+            raise ValueError(f"DRAEM needs an existing dtd_dir (may be empty) so that it does not download DTD; got {dtd_dir!r}")
+        return SyntheticDraem(dtd_dir=dtd_dir, pre_processor=_pre(image_size), evaluator=make_evaluator(True), **opts)
+    else:
+        raise ValueError(f"unknown detector {name!r}; available: {', '.join(DETECTORS)}")
+    verify_backbone(model, backbone)
+    return model
+
+
+class _ProgressCallback(Callback):
+    def __init__(self, desc: str, total: int, progress: Progress) -> None:
+        self.desc, self.total, self.progress = desc, total, progress
+
+    def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        self.progress(self.desc, min(trainer.global_step, self.total), self.total)
+
+
+@dataclass
+class FitResult:
+    checkpoint: Path
+    val_score: float | None  # SELECT_METRIC of the chosen checkpoint (None: nothing to choose)
+    epoch: int
+    steps: int  # optimizer steps at the chosen checkpoint
+    seconds: float
+
+
+def fit(model: AnomalibModule, datamodule: Any, workdir: Path, steps: int, *, val_every: int = 10,
+        select: bool = True, progress: Progress = no_progress, desc: str = "train",
+        enable_progress_bar: bool = False, accelerator: str = "auto") -> FitResult:
+    """Train for ``steps`` optimizer steps (one pass for one-class models) with anomalib's Engine, validating
+    every ``val_every`` steps; keep the checkpoint best on validation."""
+    workdir = Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    for stale in ckpt_dir.glob("*.ckpt"):
+        stale.unlink()
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=SELECT_METRIC if select else None,
+                                 mode="max", save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    # One-class models make one pass over the normals (anomalib forces max_epochs=1 for PatchCore).
+    budget = {"max_steps": steps, "check_val_every_n_epoch": None, "val_check_interval": min(val_every, steps)} \
+        if select else {"max_epochs": 1}
+    total = steps if select else -(-int((datamodule.samples["split"] == "train").sum()) // datamodule.train_batch_size)
+    engine = Engine(default_root_dir=workdir / "engine", callbacks=[checkpoint, _ProgressCallback(desc, total, progress)],
+                    accelerator=accelerator, devices=1, logger=False, enable_progress_bar=enable_progress_bar,
+                    enable_model_summary=False, **budget)
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    best = Path(checkpoint.best_model_path or checkpoint.last_model_path or "")
+    if not best.is_file():
+        raise RuntimeError(f"{type(model).__name__}: training wrote no checkpoint under {ckpt_dir}")
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    score = checkpoint.best_model_score
+    return FitResult(checkpoint=best, val_score=float(score) if (select and score is not None) else None,
+                     epoch=int(state.get("epoch", 0)), steps=int(state.get("global_step", 0)), seconds=seconds)

@@ -1,0 +1,358 @@
+"""Stage functions: ``train_detectors`` (asset ``anomaly_detectors``) and ``evaluate_detectors``
+(asset ``detector_evaluation``), with their manifest schemas.
+
+Per category x method partition, each configured detector is trained on the split's normal images + that
+partition's synthetic anomalies, chosen on the validation split, saved in anomalib's formats and scored on
+the held-out real defects + ``test/good``. The one-class PatchCore reference never sees synthetic data: it is
+stored once per category under method ``none`` (``detectors/<category>/none/patchcore``) and reused by every
+method partition (same inputs give the same fingerprint), which gives the "no synthetic data" rows.
+
+Per detector folder (``detectors/<category>/<method>/<detector>/``): ``checkpoints/best.ckpt`` (Lightning /
+anomalib checkpoint), ``weights/torch/model.pt`` (anomalib's torch export), ``samples.parquet`` (every train /
+val / test row with its role, for lineage and the leakage check) and ``config.json`` (the training config, data
+counts, backbone source, selection result). ``config.json`` is written last and carries a fingerprint of the
+config and the input files' hashes: a rerun with the same fingerprint reuses the detector instead of
+retraining (idempotent reruns), any change retrains.
+
+Demo defaults keep a partition to seconds on 2 CPU cores: 128 px, the segmenter (``base_width`` 8, 64 px
+training crops, 40 steps) and the PatchCore reference. Paper settings (DRAEM / AnomalyDiffusion protocol):
+``image_size=256``, ``options={"segmenter": {"base_width": 64, "lr": 1e-4, "train_crop": None,
+"bn_momentum": 0.1}}``, ``steps={"segmenter": 20000, "draem": 20000, "supersimplenet": 10000}`` (DRAEM's
+700 epochs of ~250 images at batch 8 are ~22k steps), ``val_every=500``,
+``detectors=["segmenter", "draem", "supersimplenet", "patchcore"]``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from ops.atomic import table_to_parquet_bytes
+from ops.detection import anomalib_models as am
+from ops.detection.backbones import OfflineBackbone, resolve_backbone
+from ops.detection.datamodule import SyntheticAnomalyDataModule, build_samples, check_no_test_leakage
+from ops.detection.evaluate import METRIC_COLUMNS, compute_metrics, predict_rows
+from ops.manifest import dumps, empty_frame, to_table
+from ops.methods.base import Progress, no_progress
+from ops.methods.registry import BASELINES
+from ops.storage import Storage, check_name, sha256_bytes
+
+REFERENCE_METHOD = "none"
+
+DETECTOR_SCHEMA = pa.schema([
+    ("category", pa.string()), ("method", pa.string()), ("partition_method", pa.string()),
+    ("detector", pa.string()), ("trained_on", pa.string()), ("weak_tau", pa.float64()),
+    ("mask_column", pa.string()), ("val_source", pa.string()), ("select_metric", pa.string()),
+    ("val_score", pa.float64()), ("selected_epoch", pa.int64()), ("selected_step", pa.int64()),
+    ("steps", pa.int64()),
+    ("image_size", pa.int64()), ("backbone", pa.string()), ("backbone_source", pa.string()),
+    ("n_train_normal", pa.int64()), ("n_train_anomalous", pa.int64()), ("n_val_normal", pa.int64()),
+    ("n_val_anomalous", pa.int64()), ("checkpoint_path", pa.string()), ("export_path", pa.string()),
+    ("samples_path", pa.string()), ("config_path", pa.string()), ("config_json", pa.string()),
+    ("fingerprint", pa.string()), ("seed", pa.int64()), ("seconds", pa.float64()), ("reused", pa.bool_()),
+])
+
+EVALUATION_SCHEMA = pa.schema([
+    ("category", pa.string()), ("method", pa.string()), ("detector", pa.string()), ("row_label", pa.string()),
+    ("is_baseline", pa.bool_()), ("trained_on", pa.string()), ("weak_tau", pa.float64()),
+    ("n_test_good", pa.int64()), ("n_test_defective", pa.int64()),
+    *[(m, pa.float64()) for m in METRIC_COLUMNS],
+    ("aupro_fpr_limit", pa.float64()), ("metric_resolution", pa.string()), ("backbone_source", pa.string()),
+    ("val_score", pa.float64()), ("train_seconds", pa.float64()), ("eval_seconds", pa.float64()),
+    ("checkpoint_path", pa.string()),
+])
+
+_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "segmenter": {"base_width": 8, "lr": 1e-3, "train_crop": 64, "bn_momentum": 0.5},
+    "supersimplenet": {},
+    "draem": {},
+    "patchcore": {"coreset_sampling_ratio": 0.1, "num_neighbors": 9},
+}
+_DEFAULT_STEPS = {"segmenter": 40, "supersimplenet": 40, "draem": 40, "patchcore": 0}  # patchcore: one pass
+
+
+@dataclass
+class DetectionConfig:
+    """Options of both stages (``ForgeSettings.detection_options``); unknown keys are errors."""
+
+    detectors: list[str] = field(default_factory=lambda: ["segmenter", "patchcore"])
+    image_size: int = 128
+    steps: dict[str, int] = field(default_factory=dict)  # optimizer steps per detector, over _DEFAULT_STEPS
+    val_every: int = 10  # validate (checkpoint selection) every this many steps
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per detector constructor options
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    anomaly_ratio: float = 0.5
+    val_source: str = "synthetic"
+    val_fraction: float = 0.2
+    mask_column: str = "mask_path"  # synthetic manifest column holding the training mask
+    weak_tau: float = 0.9
+    weak_methods: list[str] = field(default_factory=lambda: ["anogen"])  # box-mask methods: AnoGen weak variant
+    backbone: str = "efficientnet_lite0"
+    layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
+    aupro_fpr_limit: float = 0.3
+    seed: int = 0
+    accelerator: str = "auto"
+    enable_progress_bar: bool = False
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "DetectionConfig":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"detection options: unknown key(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**values)
+        bad = [d for d in cfg.detectors if d not in am.DETECTORS]
+        if bad or not cfg.detectors:
+            raise ValueError(f"detection options: detectors {bad or '[]'} not available; choose from {list(am.DETECTORS)}")
+        return cfg
+
+    def steps_for(self, detector: str) -> int:
+        return int({**_DEFAULT_STEPS, **self.steps}[detector])
+
+    def options_for(self, detector: str) -> dict[str, Any]:
+        opts = {**_DEFAULT_OPTIONS[detector], **self.options.get(detector, {})}
+        if detector in ("supersimplenet", "patchcore"):
+            opts.setdefault("layers", list(self.layers))
+        return opts
+
+
+def _as_config(cfg: Any) -> DetectionConfig:
+    return cfg if isinstance(cfg, DetectionConfig) else DetectionConfig.from_dict(cfg)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's banner lines, CPU dataloader hints and timm's "unexpected keys" note for ``features_only``
+    backbones (the dropped classifier head) are noise in Dagster's compute logs; errors still show."""
+    levels = {"lightning": logging.WARNING, "lightning.pytorch": logging.WARNING, "lightning.fabric": logging.WARNING,
+              "lightning_fabric": logging.WARNING, "timm": logging.ERROR, "anomalib": logging.ERROR}
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    with warnings.catch_warnings():
+        for message in ("does not have many workers", "Trying to infer the `batch_size`", "have no logger configured",
+                        "LeafSpec", "number of training batches"):
+            warnings.filterwarnings("ignore", message=f".*{message}.*")
+        try:
+            yield
+        finally:
+            for name, level in saved.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def load_weights(module: torch.nn.Module, checkpoint: Any) -> torch.nn.Module:
+    """Load a Lightning checkpoint's state dict strictly, first giving empty buffers (PatchCore's memory bank)
+    the stored shape."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    for name, buf in list(module.named_buffers()):
+        if name in state and state[name].shape != buf.shape:
+            owner, _, leaf = name.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            target.register_buffer(leaf, torch.empty_like(state[name]))
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def _fingerprint(detector: str, cfg: DetectionConfig, weak_tau: float | None, backbone: str,
+                 samples: pd.DataFrame) -> str:
+    import anomalib
+
+    inputs = samples[["sample_id", "sha256", "split", "label_index", "role"]].sort_values(["split", "sample_id"])
+    mask_files = sorted(Path(p).name for p in samples["mask_path"] if p)
+    return sha256_bytes(dumps({
+        "detector": detector, "options": cfg.options_for(detector), "steps": cfg.steps_for(detector),
+        "val_every": cfg.val_every,
+        "image_size": cfg.image_size, "batch_size": cfg.batch_size, "anomaly_ratio": cfg.anomaly_ratio,
+        "weak_tau": weak_tau, "backbone": backbone, "seed": cfg.seed, "anomalib": anomalib.__version__,
+        "inputs": inputs.to_dict("list"), "masks": mask_files,
+    }).encode())[:32]
+
+
+def _counts(samples: pd.DataFrame) -> dict[str, int]:
+    def n(split: str, label: int) -> int:
+        return int(((samples["split"] == split) & (samples["label_index"] == label)).sum())
+
+    return {"n_train_normal": n("train", 0), "n_train_anomalous": n("train", 1), "n_val_normal": n("val", 0),
+            "n_val_anomalous": n("val", 1)}
+
+
+def _read_json(storage: Storage, rel: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(rel))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _train_one(storage: Storage, category: str, method: str, detector: str, samples: pd.DataFrame,
+               cfg: DetectionConfig, weak_tau: float | None, backbone: OfflineBackbone | None,
+               partition_method: str, progress: Progress) -> dict[str, Any]:
+    from lightning.pytorch import seed_everything
+
+    rel = f"detectors/{category}/{method}/{detector}"
+    source = backbone.source if (backbone is not None and detector in am.NEEDS_BACKBONE) else ""
+    fingerprint = _fingerprint(detector, cfg, weak_tau, source, samples)
+    done = _read_json(storage, f"{rel}/config.json")
+    if done and done.get("fingerprint") == fingerprint and Path(str(storage.path(done["checkpoint_path"]))).exists():
+        return {**done["row"], "partition_method": partition_method, "reused": True}
+
+    workdir = Path(str(storage.path(rel))) if storage.is_local else Path(tempfile.mkdtemp(prefix="detector-"))
+    shutil.rmtree(workdir / "engine", ignore_errors=True)
+    dtd_dir = workdir / "dtd-empty"
+    dtd_dir.mkdir(parents=True, exist_ok=True)
+    options = cfg.options_for(detector)
+    dm = SyntheticAnomalyDataModule(samples, category=category, train_batch_size=cfg.batch_size,
+                                    eval_batch_size=cfg.eval_batch_size, anomaly_ratio=cfg.anomaly_ratio, seed=cfg.seed)
+    select = detector not in am.ONE_CLASS
+    steps = cfg.steps_for(detector)
+    with _quiet():
+        seed_everything(cfg.seed, workers=True, verbose=False)
+        model = am.build_model(detector, options, cfg.image_size, backbone=backbone if source else None,
+                               dtd_dir=str(dtd_dir), weak_tau=weak_tau)
+        if isinstance(model, am.SyntheticDraem):
+            train = samples[samples["split"] == "train"]
+            model.recon_paths = dict(zip(train["image_path"], train["recon_path"]))
+        result = am.fit(model, dm, workdir, steps, val_every=cfg.val_every, select=select, progress=progress,
+                        desc=f"{category}/{method}/{detector}", enable_progress_bar=cfg.enable_progress_bar,
+                        accelerator=cfg.accelerator)
+        load_weights(model, result.checkpoint)
+        if isinstance(model, am.SyntheticDraem):
+            model.recon_paths, model._recon_cache = {}, {}
+        export = model.cpu().to_torch(export_root=workdir)
+    files = {"checkpoint_path": (result.checkpoint, f"{rel}/checkpoints/best.ckpt"),
+             "export_path": (export, f"{rel}/weights/torch/model.pt")}
+    if not storage.is_local:
+        for src, dst in files.values():
+            storage.write_bytes(dst, Path(src).read_bytes())
+    storage.write_bytes(f"{rel}/samples.parquet", table_to_parquet_bytes(pa.Table.from_pandas(samples, preserve_index=False)))
+    config = {"detector": detector, "options": options, "steps": steps, "val_every": cfg.val_every,
+              "image_size": cfg.image_size,
+              "batch_size": cfg.batch_size, "anomaly_ratio": cfg.anomaly_ratio, "weak_tau": weak_tau,
+              "val_source": cfg.val_source, "val_fraction": cfg.val_fraction, "mask_column": cfg.mask_column,
+              "backbone": cfg.backbone if source else "", "layers": cfg.layers if source else [], "seed": cfg.seed,
+              "select_metric": am.SELECT_METRIC if select else ""}
+    row = {"category": category, "method": method, "detector": detector,
+           "trained_on": "normal_only" if detector in am.ONE_CLASS else "synthetic", "weak_tau": weak_tau,
+           "mask_column": cfg.mask_column if select else "", "val_source": cfg.val_source if select else "",
+           "select_metric": config["select_metric"], "val_score": result.val_score,
+           "selected_epoch": result.epoch, "selected_step": result.steps, "steps": steps,
+           "image_size": cfg.image_size,
+           "backbone": config["backbone"], "backbone_source": source, **_counts(samples),
+           "checkpoint_path": files["checkpoint_path"][1], "export_path": files["export_path"][1],
+           "samples_path": f"{rel}/samples.parquet", "config_path": f"{rel}/config.json",
+           "config_json": dumps(config), "fingerprint": fingerprint, "seed": cfg.seed, "seconds": result.seconds}
+    storage.write_bytes(f"{rel}/config.json", json.dumps({"fingerprint": fingerprint, "checkpoint_path":
+                                                          row["checkpoint_path"], "config": config, "row": row},
+                                                         indent=2, sort_keys=True, default=str).encode())
+    if not storage.is_local:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {**row, "partition_method": partition_method, "reused": False}
+
+
+def train_detectors(storage: Storage, category: str, method: str, split_df: pd.DataFrame,
+                    synthetic_df: pd.DataFrame, refined_df: pd.DataFrame | None = None, cfg: Any = None,
+                    progress: Progress = no_progress) -> pd.DataFrame:
+    """Train every configured detector of one category x method partition; one DETECTOR_SCHEMA row each.
+
+    ``refined_df`` is accepted for the contract; training uses its masks when ``cfg.mask_column`` names a
+    column it carries (joined on the synthetic ``index``), else the synthetic manifest's own column.
+    """
+    cfg = _as_config(cfg)
+    check_name(category, "category")
+    check_name(method, "method")
+    split_df = split_df[split_df["category"] == category] if "category" in split_df.columns else split_df
+    synthetic_df = _with_mask_column(synthetic_df, refined_df, cfg.mask_column)
+    backbone = None
+    if any(d in am.NEEDS_BACKBONE for d in cfg.detectors):
+        backbone = resolve_backbone(cfg.backbone, storage.path("cache/backbones") if storage.is_local else
+                                    Path(tempfile.gettempdir()) / "anomaly_forge_backbones")
+    rows = []
+    for i, detector in enumerate(cfg.detectors):
+        progress(f"{category}/{method} detectors", i, len(cfg.detectors))
+        one_class = detector in am.ONE_CLASS
+        samples = build_samples(storage, split_df, synthetic_df, mask_column=cfg.mask_column,
+                                val_source=cfg.val_source, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                use_synthetic=not one_class)
+        weak = cfg.weak_tau if (detector == "segmenter" and method in cfg.weak_methods) else None
+        rows.append(_train_one(storage, category, REFERENCE_METHOD if one_class else method, detector, samples,
+                               cfg, weak, backbone, method, progress))
+    progress(f"{category}/{method} detectors", len(cfg.detectors), len(cfg.detectors))
+    df = pd.DataFrame(rows)
+    to_table(df, DETECTOR_SCHEMA, "anomaly_detectors")  # fail here, not in the IO manager, on a schema slip
+    return df[DETECTOR_SCHEMA.names]
+
+
+def _with_mask_column(synthetic_df: pd.DataFrame, refined_df: pd.DataFrame | None, column: str) -> pd.DataFrame:
+    if column in synthetic_df.columns:
+        return synthetic_df
+    if refined_df is None or column not in refined_df.columns or "index" not in refined_df.columns:
+        raise ValueError(f"mask column {column!r} is in neither the synthetic_anomalies nor the refined_masks manifest; "
+                         f"set detection option mask_column to 'mask_path' or to a refined_masks column")
+    return synthetic_df.merge(refined_df[["index", column]], on="index", how="left", validate="one_to_one")
+
+
+def row_label(method: str) -> str:
+    if method == REFERENCE_METHOD:
+        return "no synthetic data"
+    return f"baseline: {method}" if method in BASELINES else f"synthetic: {method}"
+
+
+def test_rows(split_df: pd.DataFrame) -> pd.DataFrame:
+    """The held-out real defects + test/good of the split, in the samples format (never used for training)."""
+    samples = build_samples(None, split_df, pd.DataFrame(), use_synthetic=False)
+    return samples[samples["split"] == "test"].reset_index(drop=True)
+
+
+def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd.DataFrame, cfg: Any = None,
+                       progress: Progress = no_progress) -> pd.DataFrame:
+    """Score each detector of ``detector_df`` on the split's held-out defects; one EVALUATION_SCHEMA row each."""
+    import time
+
+    cfg = _as_config(cfg)
+    rows = []
+    for i, det in enumerate(detector_df.itertuples(index=False)):
+        progress("evaluate detectors", i, len(detector_df))
+        split = split_df[split_df["category"] == det.category] if "category" in split_df.columns else split_df
+        test = test_rows(split)
+        fitted = pd.read_parquet(str(storage.path(det.samples_path)))
+        problems = check_no_test_leakage(pd.concat([fitted[fitted["split"] != "test"], test], ignore_index=True))
+        if problems:
+            raise ValueError(f"{det.samples_path}: detector {det.detector} was trained or selected on test images "
+                             f"({problems[0]}); retrain it on this split (delete {det.config_path})")
+        config = json.loads(det.config_json)
+        backbone = resolve_backbone(config["backbone"], storage.path("cache/backbones") if storage.is_local else
+                                    Path(tempfile.gettempdir()) / "anomaly_forge_backbones") if config["backbone"] else None
+        start = time.perf_counter()
+        with _quiet():
+            model = am.build_model(det.detector, config["options"], int(config["image_size"]), backbone=backbone,
+                                   dtd_dir=tempfile.mkdtemp(prefix="dtd-empty-"), weak_tau=config["weak_tau"])
+            load_weights(model, storage.path(det.checkpoint_path))
+            preds = predict_rows(model, test, batch_size=cfg.eval_batch_size)
+        metrics = compute_metrics(preds.scores, preds.labels, preds.maps, preds.masks, fpr_limit=cfg.aupro_fpr_limit)
+        rows.append({"category": det.category, "method": det.method, "detector": det.detector,
+                     "row_label": row_label(det.method), "is_baseline": det.method in BASELINES,
+                     "trained_on": det.trained_on, "weak_tau": det.weak_tau,
+                     "n_test_good": int((preds.labels == 0).sum()), "n_test_defective": int((preds.labels == 1).sum()),
+                     **metrics, "aupro_fpr_limit": cfg.aupro_fpr_limit,
+                     "metric_resolution": "x".join(map(str, preds.maps.shape[1:])),
+                     "backbone_source": det.backbone_source, "val_score": det.val_score,
+                     "train_seconds": det.seconds, "eval_seconds": time.perf_counter() - start,
+                     "checkpoint_path": det.checkpoint_path})
+    progress("evaluate detectors", len(detector_df), len(detector_df))
+    if not rows:
+        return empty_frame(EVALUATION_SCHEMA)
+    df = pd.DataFrame(rows)
+    to_table(df, EVALUATION_SCHEMA, "detector_evaluation")
+    return df[EVALUATION_SCHEMA.names]
+
