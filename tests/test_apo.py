@@ -365,3 +365,30 @@ def test_config_presets_and_validation():
         method.config({"s_allign": 1.0})
     with pytest.raises(ValueError, match="preset"):
         method.config({"preset": "fast"})
+
+
+def test_interrupted_fit_resumes_to_the_same_adapter(backbone, support, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from ops.methods.apo import APO
+
+    method = APO()
+    cfg = method.config({"train_steps": 4, "ckpt_every": 2})
+
+    def crash_at_step_3(desc, done, _total):
+        if desc.endswith("/crack") and done == 3:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        method.fit(backbone, support[:2], cfg, tmp_path / "a", progress=crash_at_step_3)
+    assert not (tmp_path / "a" / "crack" / "taca.json").exists()
+    assert not getattr(backbone.unet, "peft_config", None)  # the crash did not leave the LoRA in the UNet
+    method.fit(backbone, support[:2], cfg, tmp_path / "a")
+    method.fit(backbone, support[:2], cfg, tmp_path / "b")
+    info = json.loads((tmp_path / "a" / "crack" / "taca.json").read_text())
+    assert info["resumed_from"] == 2 and len(info["losses"]) == 4
+    wa = load_file(tmp_path / "a" / "crack" / "pytorch_lora_weights.safetensors")
+    wb = load_file(tmp_path / "b" / "crack" / "pytorch_lora_weights.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

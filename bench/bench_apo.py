@@ -1,0 +1,153 @@
+"""Benchmark of APO on a backbone (default ``tiny``): training step, generation per image, 3-branch step.
+
+    python bench/bench_apo.py [--model tiny] [--device cpu] [--threads 1] [--repeats 10] [--steps 12]
+
+- training step: one CPO optimisation step (batch ``--batch``: reference forward under no_grad, TACA-gated policy
+  forward, backward, AdamW) through ``ops.diffusion.training.train``; median over ``--repeats`` steps after one
+  warm-up step.
+- generation: one image per mode (placed: inversion + sampling + compositing; free: sampling) at ``--steps`` DDIM
+  steps with a trained adapter loaded; median over ``--images`` seeds after a warm-up image.
+- 3-prediction step: the hierarchical step's three predictions (ε_ref(z), ε_ref(z, c), ε_θ(z, c)) as ONE batched
+  UNet call vs three sequential calls (the baseline), with the same per-sample LoRA gates; median of
+  ``--repeats`` after a warm-up; the outputs of both modes are compared.
+Writes bench/out/bench_apo.json (gitignored) and prints a table. Timings on a shared CPU are noisy: compare
+numbers from one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ops.atomic import write_bytes_atomic  # noqa: E402
+from ops.diffusion import lora  # noqa: E402
+from ops.diffusion.backbone import load_backbone  # noqa: E402
+from ops.diffusion.training import train  # noqa: E402
+from ops.diffusion.vae import encode  # noqa: E402
+from ops.methods.apo import ADAPTER_NAME, APO, read_taca  # noqa: E402
+from ops.methods.apo_loss import cpo_batch  # noqa: E402
+from ops.methods.apo_sampling import LoRAGate, apo_branches, generate, initial_noise  # noqa: E402
+from ops.types import Sample  # noqa: E402
+
+
+def _images(n: int, size: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _median(fn, repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm-up (allocator, lazy init)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def bench_training(backbone, support, args) -> dict:
+    latents = torch.cat([encode(backbone, s.image) for s in support])
+    cond = backbone.encode_prompt(["a photo of a bench with a crack defect"]).detach()
+    params = lora.add_lora(backbone.unet, rank=args.rank, seed=0, adapter_name="bench")
+    try:
+        stamps = []
+
+        def loss_fn(_step, rng):
+            stamps.append(time.perf_counter())
+            return cpo_batch(backbone.unet, backbone.scheduler, latents, cond, rng, 1000.0, 1, args.rank,
+                             args.batch)[0]
+
+        t0 = time.perf_counter()
+        train(params, loss_fn, args.repeats + 1, 1e-3, seed=0, frozen_modules=[backbone.unet], desc="bench train")
+        end = time.perf_counter()
+    finally:
+        lora.remove_lora(backbone.unet, "bench")
+    per_step = np.diff(stamps + [end])[1:]  # first step = warm-up
+    return {"train_step_s": float(np.median(per_step)), "train_steps_timed": len(per_step),
+            "batch": args.batch, "rank": args.rank, "total_s": end - t0}
+
+
+def bench_generation(backbone, adapter_dir: Path, args) -> dict:
+    info = read_taca(adapter_dir)
+    lora.load_lora(backbone.unet, adapter_dir / info["weights"], adapter_name=ADAPTER_NAME)
+    out = {}
+    try:
+        gate = LoRAGate(backbone.unet, info["k_min"], info["k_max"], info["T"])
+        cond = backbone.encode_prompt([info["prompt"]]).detach()
+        uncond = backbone.null_embedding()
+        size = (backbone.resolution, backbone.resolution)
+        normal = _images(1, backbone.resolution, 7)[0]
+        target = np.zeros(size, bool)
+        target[size[0] // 4: size[0] // 2, size[1] // 4: 3 * size[1] // 4] = True
+        for mode in ("free", "placed"):
+            seeds = iter(range(1000))
+            kw = dict(normal=normal, target_mask=target) if mode == "placed" else {}
+            med, _ = _median(lambda: generate(backbone, gate, cond, uncond, next(seeds), size, args.steps, 5.0, 1.5,
+                                              branch_mode=args.branch_mode, **kw), args.images)
+            out[f"generate_{mode}_s"] = med
+        # the 3-prediction step in both modes, same gates, same inputs
+        z = initial_noise(backbone, 0)
+        branches = apo_branches(cond, uncond)
+        t = int(backbone.scheduler.timesteps[len(backbone.scheduler.timesteps) // 2])
+        results = {}
+        for mode in ("batched", "sequential"):
+            runner = gate.runner(backbone, mode)
+
+            def step():
+                gate.set_step(0, t)
+                with torch.no_grad():
+                    results[mode] = runner({"x": z}, t, branches)
+
+            med, _ = _median(step, args.repeats)
+            out[f"step3_{mode}_s"] = med
+            out[f"step3_{mode}_unet_calls"] = runner.calls // (args.repeats + 1)
+        out["step3_batched_over_sequential"] = out["step3_batched_s"] / out["step3_sequential_s"]
+        out["step3_max_abs_diff"] = max(float((results["batched"][k] - results["sequential"][k]).abs().max())
+                                        for k in results["batched"])
+    finally:
+        lora.remove_lora(backbone.unet, ADAPTER_NAME)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--images", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=12, help="DDIM steps per generated image")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--branch-mode", default="batched", choices=("batched", "sequential"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    backbone = load_backbone(args.model, device=args.device, cache=False)
+    support = [Sample(f"s{i}", "bench", "crack", img) for i, img in enumerate(_images(3, 96, 0))]
+    result = {"model": args.model, "device": str(backbone.device), "threads": args.threads, "steps": args.steps}
+    result.update(bench_training(backbone, support, args))
+    with tempfile.TemporaryDirectory() as tmp:
+        method = APO()
+        cfg = method.config({"train_steps": 10, "rank": args.rank, "k_max": args.rank})
+        adapter = method.fit(backbone, support, cfg, Path(tmp))
+        result.update(bench_generation(backbone, adapter.path / "crack", args))
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    out = Path(__file__).resolve().parent / "out" / "bench_apo.json"
+    write_bytes_atomic(out, json.dumps(result, indent=1).encode())
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
