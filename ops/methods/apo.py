@@ -20,8 +20,11 @@ Choices where the paper is vague (see also the two helper modules):
 - Presets: ``demo`` (default: rank 4, TACA 1..4, 30 steps at lr 1e-3, 12 DDIM steps) keeps the CPU demo fast;
   ``paper`` (rank 32, TACA 8..32, 1000 steps at lr 1e-4, batch 4, 50 DDIM steps, s_text 7.5) follows common SD
   LoRA practice since the paper publishes no hyper-parameters. Explicit options override the preset.
-- β = 1000 in both presets: with λ' taken per unit of normalised time, mid-schedule β_t on SD's schedule is about
-  2000–3000, the scale Diffusion-DPO uses on SD 1.5 (β·½ = 2500 with the same per-element mean).
+- β = 1000 in both presets: with λ' taken per unit of normalised time, β_t on SD's schedule is ≈ 3300–6000 for
+  t in [150, 1000), the order of Diffusion-DPO's weight on SD 1.5 (½·5000 = 2500 with the same per-element mean).
+- ``branch_mode="batched"`` (default): the three predictions of a step are one UNet call (measured on the 2-core
+  CPU with the tiny backbone: ~0.7x the time of three calls, see bench/bench_apo.py); "sequential" gives the same
+  numbers up to float rounding (~1e-6 relative) and bit-identical CFG when s_align = 0.
 - s_align = 1.5 by default (the paper reports a smooth trade-off curve, no default): > 1 pushes beyond the
   adapted model along the alignment direction.
 - Placed generation (the pipeline's default, ``mode="placed"``): the normal image is DDIM-inverted with the

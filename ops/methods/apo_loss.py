@@ -12,6 +12,10 @@ with λ_t = log SNR(t) = log(ᾱ_t / (1 − ᾱ_t)). Choices where the paper is 
   scheduler's own ``alphas_cumprod`` by central differences (one-sided at the two ends), so it follows whatever
   schedule the backbone uses (scaled-linear for SD 1.x, cosine, trained betas). λ'_t < 0 because SNR falls with t,
   hence β_t > 0.
+- β_t is NOT clipped: on SD's scaled-linear schedule λ'_t at t = 0 is ~100x its mid-schedule value (β_0 ≈ 350 β
+  vs ≈ 3.5 β at t = 500), the ELBO weighting the derivation implies. The sigmoid bounds each sample's loss
+  gradient by β_t, and the training loop's gradient clipping and AdamW keep steps bounded; per-batch losses are
+  spiky when a batch draws t near 0 (expected, not divergence).
 - ᾱ is clamped to [1e-12, 1 − 1e-12] before the log so zero-terminal-SNR schedules give a finite (huge) weight
   instead of inf; such a t is practically never drawn twice in a row, and the sigmoid bounds the loss anyway.
 - ||·||² is the MEAN over latent elements per sample (as Diffusion-DPO's reference implementation does), so β is
