@@ -12,6 +12,7 @@ _METHODS: dict[str, str] = {
     "cutpaste": "ops.methods.cutpaste:CutPaste",
     "perlin": "ops.methods.perlin:Perlin",
     "apo": "ops.methods.apo:APO",
+    "o2mag": "ops.methods.o2mag:O2MAG",
 }
 
 BASELINES = ("cutpaste", "perlin")
