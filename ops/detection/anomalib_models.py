@@ -114,6 +114,10 @@ def build_model(name: str, opts: dict[str, Any], image_size: int, backbone: Offl
     if name == "supersimplenet":
         model = Supersimplenet(backbone=backbone.timm_name, supervised=True, pre_processor=_pre(image_size, backbone),
                                evaluator=make_evaluator(True), visualizer=False, **opts)
+        side = image_size * 2 // model.model.feature_extractor.feature_extractor.reductions[0]
+        if side < 32:  # its feature-space Perlin generator draws scales up to 32 cells
+            raise ValueError(f"supersimplenet needs a feature map of at least 32 px; image_size {image_size} gives "
+                             f"{side} with layers {opts.get('layers')}: use image_size >= {image_size * 32 // side}")
     elif name == "patchcore":
         model = Patchcore(backbone=backbone.timm_name, pre_trained=True, pre_processor=_pre(image_size, backbone),
                           evaluator=make_evaluator(False), visualizer=False, **opts)

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,7 +45,7 @@ from ops.detection.evaluate import METRIC_COLUMNS, compute_metrics, predict_rows
 from ops.manifest import dumps, empty_frame, to_table
 from ops.methods.base import Progress, no_progress
 from ops.methods.registry import BASELINES
-from ops.storage import Storage, check_name, sha256_bytes
+from ops.storage import Storage, check_name, sha256_bytes, sha256_file
 
 REFERENCE_METHOD = "none"
 
@@ -95,7 +95,9 @@ class DetectionConfig:
     anomaly_ratio: float = 0.5
     val_source: str = "synthetic"
     val_fraction: float = 0.2
-    mask_column: str = "mask_path"  # synthetic manifest column holding the training mask
+    # training mask: "auto" = the refined final mask (refined_masks ``final_path``) when that manifest is given,
+    # else the method's own mask (``mask_path``); or any column of either manifest
+    mask_column: str = "auto"
     weak_tau: float = 0.9
     weak_methods: list[str] = field(default_factory=lambda: ["anogen"])  # box-mask methods: AnoGen weak variant
     backbone: str = "efficientnet_lite0"
@@ -143,7 +145,7 @@ def _quiet() -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
     with warnings.catch_warnings():
         for message in ("does not have many workers", "Trying to infer the `batch_size`", "have no logger configured",
-                        "LeafSpec", "number of training batches"):
+                        "LeafSpec", "number of training batches", "module(s) in eval mode"):
             warnings.filterwarnings("ignore", message=f".*{message}.*")
         try:
             yield
@@ -170,13 +172,13 @@ def _fingerprint(detector: str, cfg: DetectionConfig, weak_tau: float | None, ba
     import anomalib
 
     inputs = samples[["sample_id", "sha256", "split", "label_index", "role"]].sort_values(["split", "sample_id"])
-    mask_files = sorted(Path(p).name for p in samples["mask_path"] if p)
+    mask_hashes = [sha256_file(p) if p else "" for p in samples.sort_values(["split", "sample_id"])["mask_path"]]
     return sha256_bytes(dumps({
         "detector": detector, "options": cfg.options_for(detector), "steps": cfg.steps_for(detector),
         "val_every": cfg.val_every,
         "image_size": cfg.image_size, "batch_size": cfg.batch_size, "anomaly_ratio": cfg.anomaly_ratio,
         "weak_tau": weak_tau, "backbone": backbone, "seed": cfg.seed, "anomalib": anomalib.__version__,
-        "inputs": inputs.to_dict("list"), "masks": mask_files,
+        "inputs": inputs.to_dict("list"), "masks": mask_hashes,
     }).encode())[:32]
 
 
@@ -265,10 +267,13 @@ def train_detectors(storage: Storage, category: str, method: str, split_df: pd.D
                     progress: Progress = no_progress) -> pd.DataFrame:
     """Train every configured detector of one category x method partition; one DETECTOR_SCHEMA row each.
 
-    ``refined_df`` is accepted for the contract; training uses its masks when ``cfg.mask_column`` names a
-    column it carries (joined on the synthetic ``index``), else the synthetic manifest's own column.
+    Training masks: ``cfg.mask_column`` ("auto": refined ``final_path`` when ``refined_df`` has rows, else the
+    method's ``mask_path``); a refined column is joined on the synthetic ``index``.
     """
     cfg = _as_config(cfg)
+    if cfg.mask_column == "auto":
+        use_refined = refined_df is not None and len(refined_df) and "final_path" in refined_df.columns
+        cfg = replace(cfg, mask_column="final_path" if use_refined else "mask_path")
     check_name(category, "category")
     check_name(method, "method")
     split_df = split_df[split_df["category"] == category] if "category" in split_df.columns else split_df
@@ -298,8 +303,13 @@ def _with_mask_column(synthetic_df: pd.DataFrame, refined_df: pd.DataFrame | Non
         return synthetic_df
     if refined_df is None or column not in refined_df.columns or "index" not in refined_df.columns:
         raise ValueError(f"mask column {column!r} is in neither the synthetic_anomalies nor the refined_masks manifest; "
-                         f"set detection option mask_column to 'mask_path' or to a refined_masks column")
-    return synthetic_df.merge(refined_df[["index", column]], on="index", how="left", validate="one_to_one")
+                         f"set detection option mask_column to 'auto', 'mask_path' or a refined_masks column")
+    merged = synthetic_df.merge(refined_df[["index", column]], on="index", how="left", validate="one_to_one")
+    missing = merged[column].isna() | (merged[column].astype(str) == "")
+    if missing.any():
+        raise ValueError(f"refined_masks has no {column!r} for synthetic rows {merged.loc[missing, 'index'].tolist()[:10]}; "
+                         f"rematerialize refined_masks for this partition")
+    return merged
 
 
 def row_label(method: str) -> str:
@@ -308,7 +318,7 @@ def row_label(method: str) -> str:
     return f"baseline: {method}" if method in BASELINES else f"synthetic: {method}"
 
 
-def test_rows(split_df: pd.DataFrame) -> pd.DataFrame:
+def held_out_rows(split_df: pd.DataFrame) -> pd.DataFrame:
     """The held-out real defects + test/good of the split, in the samples format (never used for training)."""
     samples = build_samples(None, split_df, pd.DataFrame(), use_synthetic=False)
     return samples[samples["split"] == "test"].reset_index(drop=True)
@@ -324,7 +334,7 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
     for i, det in enumerate(detector_df.itertuples(index=False)):
         progress("evaluate detectors", i, len(detector_df))
         split = split_df[split_df["category"] == det.category] if "category" in split_df.columns else split_df
-        test = test_rows(split)
+        test = held_out_rows(split)
         fitted = pd.read_parquet(str(storage.path(det.samples_path)))
         problems = check_no_test_leakage(pd.concat([fitted[fitted["split"] != "test"], test], ignore_index=True))
         if problems:
@@ -356,3 +366,35 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
     to_table(df, EVALUATION_SCHEMA, "detector_evaluation")
     return df[EVALUATION_SCHEMA.names]
 
+
+
+def check_detectors(storage: Storage, detector_df: pd.DataFrame, split_df: pd.DataFrame) -> list[str]:
+    """Asset check: artifacts present, synthetic detectors saw anomalies, no test image in train / val."""
+    problems = []
+    for det in detector_df.itertuples(index=False):
+        name = f"{det.category}/{det.method}/{det.detector}"
+        missing = [c for c in ("checkpoint_path", "export_path", "samples_path", "config_path")
+                   if not Path(str(storage.path(getattr(det, c)))).exists()]
+        if missing:
+            problems.append(f"{name}: missing {', '.join(missing)}")
+            continue
+        if det.trained_on == "synthetic" and det.n_train_anomalous < 1:
+            problems.append(f"{name}: trained on synthetic data but saw no anomalous image")
+        split = split_df[split_df["category"] == det.category] if "category" in split_df.columns else split_df
+        fitted = pd.read_parquet(str(storage.path(det.samples_path)))
+        leaks = check_no_test_leakage(pd.concat([fitted[fitted["split"] != "test"], held_out_rows(split)], ignore_index=True))
+        problems += [f"{name}: {p}" for p in leaks[:5]]
+    return problems
+
+
+def check_evaluation(evaluation_df: pd.DataFrame) -> list[str]:
+    """Asset check: metrics the test set defines are finite and in [0, 1]."""
+    problems = []
+    for row in evaluation_df.itertuples(index=False):
+        name = f"{row.category}/{row.method}/{row.detector}"
+        needed = list(METRIC_COLUMNS) if row.n_test_defective and row.n_test_good else []
+        for m in needed:
+            value = getattr(row, m)
+            if not (value == value and 0.0 <= value <= 1.0):
+                problems.append(f"{name}: {m} = {value}")
+    return problems
