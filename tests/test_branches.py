@@ -41,11 +41,11 @@ def _rules():
             Reweight(1.5, tokens=[5], query_mask=m_t, branches=["tgt"]), Capture("cross"), Capture("self")]
 
 
-def test_auto_mode_is_sequential_on_cpu(bb):
-    assert resolve_mode("auto", torch.device("cpu")) == "sequential"
-    assert resolve_mode("auto", torch.device("cuda")) == "batched"
+def test_auto_mode_is_batched(bb):
+    assert resolve_mode("auto") == "batched" == BranchRunner(bb).mode
+    assert resolve_mode("sequential") == "sequential"
     with pytest.raises(ValueError, match="unknown branch mode"):
-        resolve_mode("parallel", torch.device("cpu"))
+        resolve_mode("parallel")
 
 
 def test_batched_equals_sequential_three_branches(bb, conds):
