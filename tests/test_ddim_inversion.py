@@ -96,9 +96,12 @@ def _x0_form_move(z, eps, a_from, a_to):
 
 def test_inversion_follows_eq4_on_the_tiny_unet(bb, cond):
     z0 = _z(1)
+    before = bb.scheduler.timesteps.clone()
     inv = invm.invert(bb, z0, cond[0], num_steps=8, keep_trajectory=True)
+    assert torch.equal(bb.scheduler.timesteps, before)  # the shared scheduler is not re-stepped by the toolkit
     g = inv.grid
-    assert g.timesteps[0] == 0 and list(g.timesteps[1:]) == sorted(int(t) for t in bb.scheduler.timesteps)
+    assert g.timesteps == (0, 1, 126, 251, 376, 501, 626, 751, 876)  # SD's "leading" spacing + steps_offset 1
+    assert float(g.alphas[0]) == float(bb.scheduler.alphas_cumprod[0])  # set_alpha_to_one=False
     assert len(inv.trajectory) == 9 and torch.equal(inv.trajectory[0], z0) and torch.equal(inv.trajectory[8], inv.zT)
     for k in range(1, 9):
         with torch.no_grad():

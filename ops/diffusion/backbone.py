@@ -132,7 +132,8 @@ def _load_components(model: str) -> dict:
 
     local = Path(model).expanduser()
     is_dir = local.is_dir()
-    if not is_dir and (model.startswith((".", "/", "~")) or os.sep in model and model.count("/") != 1):
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1  # hub ids are "owner/name"
+    if not is_dir and looks_like_path:
         raise FileNotFoundError(f"diffusion model folder {local} does not exist; pass an existing diffusers folder "
                                 f"(with unet/, vae/, text_encoder/, tokenizer/, scheduler/), a hub id, or 'tiny'")
     src = str(local) if is_dir else model

@@ -21,6 +21,7 @@ and may edit ``state.latents`` in place (latent blending, trajectory injection, 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,12 +52,12 @@ class DDIMGrid:
 def ddim_grid(scheduler: Any, num_steps: int) -> DDIMGrid:
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    scheduler.set_timesteps(num_steps)
-    ts = sorted(int(t) for t in scheduler.timesteps)
-    ac = scheduler.alphas_cumprod.double().cpu()
-    final = float(scheduler.final_alpha_cumprod)
-    alphas = torch.tensor([final] + [float(ac[t]) for t in ts], dtype=torch.float64)
-    # the clean level's timestep: the index whose ᾱ equals final_alpha_cumprod (0 for SD), else 0 anyway
+    sched = copy.copy(scheduler)  # set_timesteps rebinds attributes: the shared backbone's scheduler stays as is
+    sched.set_timesteps(num_steps)
+    ts = sorted(int(t) for t in sched.timesteps)
+    ac = sched.alphas_cumprod.double().cpu()
+    alphas = torch.tensor([float(sched.final_alpha_cumprod)] + [float(ac[t]) for t in ts], dtype=torch.float64)
+    # UNet timestep 0 for the clean level: its ᾱ is final_alpha_cumprod = ᾱ[0] under SD's set_alpha_to_one=False
     return DDIMGrid(timesteps=(0, *ts), alphas=alphas)
 
 
