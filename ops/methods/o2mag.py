@@ -14,16 +14,19 @@ Choices where the paper or the brief leave room (more in the two helper modules)
 - No classifier-free guidance: the reference and normal branches are DDIM reconstructions of their inversions,
   which CFG would break; the semantics come from e* and the grafted keys/values.
 - Output image: the WHOLE decoded target image, as in the paper, resized from ``backbone.resolution`` back to the
-  normal image's size (``background="generated"``, default). ``background="normal"`` instead pastes the
-  decoded target onto the original normal pixels inside the target mask dilated by one latent cell (the cells
-  the target differs from the normal branch), so the background is the original image to the bit. On the
-  untrained tiny backbone the VAE alone turns any image into noise, so only "normal" gives a recognisable
-  background there.
+  normal image's size (``background="generated"``, default); outside M_T it is close to, not equal to, the normal
+  branch's reconstruction (tolerance in ``o2mag_triag``). ``background="normal"`` instead pastes the decoded
+  target onto the original normal pixels on the latent cells M_T touches (upsampled), so the rest is the
+  original image to the bit. On the untrained tiny backbone the VAE alone turns any image into noise, so only
+  "normal" gives a recognisable background there.
 - Output mask: the target mask M_T; with ``refine_mask=True`` it is M_T refined by the captured cross-attention
   of the anomaly tokens (``ops.masks.refine.attention_mask``, eq. 13 of the bg-disentangle paper), falling back
   to M_T when that leaves nothing (recorded in the row's params).
 - Presets: ``demo`` (default: AGO 30 steps, 12 DDIM steps) keeps the CPU demo fast; ``paper`` = AGO 500 Adam
-  steps at lr 3e-3 and 50 DDIM steps on SD 1.5. Explicit options override the preset.
+  steps at lr 3e-3 and 50 DDIM steps on SD 1.5. Explicit options override the preset. The paper publishes no
+  graft layers/steps nor DAE range/factor: defaults are the decoder at every step, DAE x1.5 on the middle 40 %.
+- Files: ``out_dir/ago/<key>.safetensors`` per support image; embeddings of images no longer in the support are
+  deleted, so the folder mirrors the adapter row. ``ago_steps=0`` writes nothing (path None).
 """
 from __future__ import annotations
 

@@ -30,13 +30,18 @@ Choices where the paper is vague:
   prompt-to-prompt style, no renormalisation, so DAE amplifies what the target reads inside the mask.
 - Anomaly tokens: the prompt's tokens from the rendered ``{defect_type}`` to the end ("hole defect" in the
   default prompt); every word token when the template has no ``{defect_type}``.
+- Background: outside M_T the target is steered by the normal branch's K/V, not pinned to it; through the
+  non-grafted layers and the convolutions' receptive fields the defect leaks a little. Measured on tiny
+  (untrained, 6-12 steps): mean |Δz| to the normal reconstruction outside the latent cells of M_T is 4-9 % of
+  the latent's mean |z| (inside: 5x more); tests/test_o2mag.py holds it under 15 % (LEAK_TOL).
 - Attention extra: the target's cross-attention probabilities of the anomaly tokens (summed), averaged over
   sampling steps and the cross-attention layers at ``attention_res`` (16, prompt-to-prompt's resolution), divided
   by its maximum, bilinearly resized to the normal image. The toolkit captures what the layer used, so DAE's
   scaling inside M_T is included.
 - Cache memory (``SourceRun.nbytes``): K and V of each graft layer and step of both sources on the UNet's
-  device, about 2.8 GB for SD 1.5 at 512 px, 50 steps, fp16 and the 9 decoder layers; 0.25 MB per step here on
-  tiny. Only the last reference's branch is kept across groups (groups are processed in reference order).
+  device: about 2.8 GB for SD 1.5 at 512 px, 50 steps, fp16 and the 9 decoder layers (27.5 MB per branch and
+  step); 6.1 MiB for tiny at 12 steps (bench/bench_o2mag.py). Only the last reference's branch and the current
+  normal branch are kept (groups are processed in reference order).
 """
 from __future__ import annotations
 
