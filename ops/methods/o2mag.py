@@ -166,8 +166,9 @@ class O2MAG(Method):
         groups: dict[tuple[str, str], list[SynthesisJob]] = {}
         for job in jobs:
             if job.reference is None or job.reference.mask is None or not job.reference.mask.any():
-                raise ValueError(f"{job.category} job {job.index}: O2MAG needs a reference anomaly with a non-empty "
-                                 f"mask (the support image's ground truth)")
+                where = job.reference.source or job.reference.image_id if job.reference is not None else "no reference"
+                raise ValueError(f"{job.category} job {job.index} ({where}): O2MAG needs a reference anomaly with a "
+                                 f"non-empty mask; check the support image's ground-truth mask file")
             groups.setdefault((job.reference.image_id, job.normal.image_id), []).append(job)
         cache = BranchCache() if cfg.cache_branches else None
         done = 0
