@@ -14,6 +14,7 @@ Choices:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -35,11 +36,24 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
+def _json_settings(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--settings is not valid JSON ({e}); e.g. --settings "
+                         f"'{{\"detection_options\": {{\"detectors\": [\"segmenter\"]}}}}'") from None
+    if not isinstance(value, dict):
+        raise SystemExit("--settings must be a JSON object of ForgeSettings fields")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
     return run_demo(args.out, methods=_csv(args.methods), categories=_csv(args.categories), n=args.n,
-                    size=args.size, seed=args.seed)
+                    size=args.size, seed=args.seed, settings=_json_settings(args.settings))
 
 
 def cmd_list_methods(_args: argparse.Namespace) -> int:
@@ -112,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=16, help="synthetic images per category x method (default 16)")
     demo.add_argument("--size", type=int, default=128, help="demo image size in pixels (default 128)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--settings", help="JSON object of further ForgeSettings fields, e.g. "
+                                         "'{\"detection_options\": {\"detectors\": [\"segmenter\"]}}'")
     demo.set_defaults(func=cmd_demo)
 
     add = sub.add_parser("add-category", help="add a category partition and materialize its lineage")

@@ -150,8 +150,7 @@ def summary_table(storage: Any, categories: Sequence[str], methods: Sequence[str
                         row[col] = pooled[col].iloc[0]
             evaluation = _manifest(storage, "detector_evaluation", key)
             if evaluation is not None and "detector" in evaluation:
-                label = "row_label" if "row_label" in evaluation else "detector"
-                for name, group in evaluation.groupby(label, sort=True):
+                for name, group in evaluation.groupby("detector", sort=True):
                     for col in DETECTION_KEYS:
                         if col in group:
                             row[f"{name} {col}"] = group[col].mean()
@@ -199,10 +198,11 @@ def report_markdown(out: Path, steps: Sequence[StepResult], summary: pd.DataFram
 
 def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
              categories: Sequence[str] | None = None, n: int = 16, size: int = 128, seed: int = 0,
-             echo: Callable[[str], None] = print) -> int:
+             settings: dict[str, Any] | None = None, echo: Callable[[str], None] = print) -> int:
     """Build the demo data, materialize every stage for every category x method, write ``report.md``.
 
-    Returns the process exit status: 0 when every step succeeded."""
+    ``settings``: further ``ForgeSettings`` fields (e.g. ``detection_options``); the data root, ``n`` and
+    ``seed`` arguments take precedence. Returns the process exit status: 0 when every step succeeded."""
     from ops.atomic import write_bytes_atomic
     from ops.demo_data import build_demo_dataset
     from ops.ingest import discover_categories
@@ -223,8 +223,8 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
     categories = list(categories or [c for c, _ in discover_categories(data)])
     echo(f"[{time.monotonic() - t0:7.1f}s] demo dataset       {data} ({', '.join(categories)})")
     storage_root = out / "storage"
-    defs = build_definitions(storage_root=str(storage_root), dataset_roots=[str(data)], n_per_partition=n,
-                             seed=seed)
+    overrides = {**(settings or {}), "dataset_roots": [str(data)], "n_per_partition": n, "seed": seed}
+    defs = build_definitions(storage_root=str(storage_root), **overrides)
     with dagster_home(out / "dagster_home"), dg.DagsterInstance.get() as instance:
         new = [c for c in categories if not instance.has_dynamic_partition("category", c)]
         if new:
@@ -233,10 +233,9 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
     storage = Storage(storage_root)
     summary = summary_table(storage, categories, methods)
     detection_report = _detection_report(storage, categories, methods)
-    settings = {"categories": ",".join(categories), "methods": ",".join(methods), "n": n, "size": size,
-                "seed": seed, "backbone": defs.resources["backbone"].model}
-    write_bytes_atomic(out / "report.md",
-                       report_markdown(out, steps, summary, settings, detection_report).encode())
+    shown = {"categories": ",".join(categories), "methods": ",".join(methods), "n": n, "size": size,
+             "seed": seed, "backbone": defs.resources["backbone"].model, **(settings or {})}
+    write_bytes_atomic(out / "report.md", report_markdown(out, steps, summary, shown, detection_report).encode())
     failed = [s for s in steps if s.status != "ok"]
     echo("")
     echo(markdown_table(summary, max_rows=500))

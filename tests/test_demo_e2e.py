@@ -1,4 +1,5 @@
 """The demo end to end (one category, cutpaste + perlin, small n) and the CLI around it."""
+import json
 import os
 
 import dagster as dg
@@ -11,8 +12,13 @@ from pipelines.demo import run_lineage
 from pipelines.jobs import lineage_stages
 from tests.fixtures.layouts import build_mvtec
 
+pytestmark = pytest.mark.slow  # the whole lineage, about a minute of CPU with every stage present
+
 METHODS = ["cutpaste", "perlin"]
 N = 8
+# the smallest settings of the later stages that still exercise them (the demo runs every stage there is)
+CHEAP = {"detection_options": {"detectors": ["segmenter"], "steps": {"segmenter": 10}, "image_size": 64},
+         "quality_options": {"ic_size": 64, "kid_subsets": 5}}
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +26,7 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
     before = os.environ.get("DAGSTER_HOME")
     code = cli.main(["demo", "--out", str(out), "--categories", "brick", "--methods", ",".join(METHODS),
-                     "--n", str(N), "--size", "64"])
+                     "--n", str(N), "--size", "64", "--settings", json.dumps(CHEAP)])
     assert os.environ.get("DAGSTER_HOME") == before  # the demo does not leak its instance into the caller
     return out, code
 
@@ -44,6 +50,11 @@ def test_demo_succeeds_and_writes_manifests_and_images(demo):
     report = (out / "report.md").read_text()
     assert all(f"| brick | {m} | {N} |" in report for m in METHODS)
     assert "tiny" in report and "dagster dev" in report
+    keys = {k.to_user_string() for a in defs.assets for k in a.keys}
+    if "quality_metrics" in keys:  # key metrics reach the summary once the stage exists
+        assert "mask_iou_mean" in report
+    if "detector_evaluation" in keys:
+        assert "image_auroc" in report
 
 
 def test_demo_runs_are_recorded_in_the_persistent_instance(demo):
