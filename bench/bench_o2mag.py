@@ -10,8 +10,9 @@ decoder self-attention at every step, DAE on the middle steps, attention capture
 - ``uncached b=8``: every target batch inverts both sources again and runs the three branches jointly;
 - ``uncached b=1``: the naive one-target-at-a-time pipeline (the baseline of the speed-up column).
 
-Reported per variant: seconds per image (wall clock of ``run_targets``, best of ``--repeats``), UNet forward calls
-(exact, device independent), the bytes the cache holds (exact sum of its K/V and latent tensors, what O2MAG keeps
+Reported per variant: seconds per image (wall clock and process CPU time of ``run_targets``, best of ``--repeats``;
+on a shared machine the CPU time with ``--threads 1`` is the steadier number, and the speed-up column uses it),
+UNet forward calls (exact, device independent), the bytes the cache holds (exact sum of its K/V and latent tensors, what O2MAG keeps
 alive between target batches) and, on CUDA, the peak allocation growth. Checks that cached and uncached runs with
 the same batch give identical latents. Writes bench/out/bench_o2mag.json (gitignored).
 """
@@ -55,7 +56,7 @@ def measure(bb, s, cond, ref, normal, masks, repeats: int) -> dict:
     calls = [0]
     handle = bb.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     cuda = bb.device.type == "cuda"
-    best, out, cache_bytes, peak = float("inf"), None, 0, None
+    best, best_cpu, out, cache_bytes, peak = float("inf"), float("inf"), None, 0, None
     try:
         for _ in range(repeats):
             calls[0] = 0
@@ -64,16 +65,17 @@ def measure(bb, s, cond, ref, normal, masks, repeats: int) -> dict:
                 torch.cuda.synchronize(bb.device)
                 torch.cuda.reset_peak_memory_stats(bb.device)
                 base = torch.cuda.memory_allocated(bb.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = run_targets(bb, cond, ref, normal, masks, s, cache)
             if cuda:
                 torch.cuda.synchronize(bb.device)
                 peak = torch.cuda.max_memory_allocated(bb.device) - base
             best = min(best, time.perf_counter() - t0)
+            best_cpu = min(best_cpu, time.process_time() - c0)
             cache_bytes = cache.peak_bytes if cache is not None else 0
     finally:
         handle.remove()
-    return dict(seconds_per_image=best / len(masks), unet_calls=calls[0], cache_bytes=cache_bytes,
+    return dict(seconds_per_image=best / len(masks), cpu_seconds_per_image=best_cpu / len(masks), unet_calls=calls[0], cache_bytes=cache_bytes,
                 cuda_peak_bytes=peak, z0=out.z0)
 
 
@@ -103,18 +105,20 @@ def main() -> None:
                                bb, "bench", "hole")
             results[name] = measure(bb, s, cond, ref, normal, masks, args.repeats)
             print(f"n={n:3d} {name:13s} {results[name]['seconds_per_image']:8.3f} s/image "
+                  f"{results[name]['cpu_seconds_per_image']:8.3f} CPU s/image "
                   f"{results[name]['unet_calls']:5d} UNet calls  cache {results[name]['cache_bytes'] / 2**20:7.2f} MiB",
                   flush=True)
         same = {b: bool(torch.equal(results[f"cached b={b}"]["z0"], results[f"uncached b={b}"]["z0"])) for b in (1, 8)}
-        base = results["uncached b=1"]["seconds_per_image"]
+        base = results["uncached b=1"]["cpu_seconds_per_image"]
         for name, r in results.items():
             r.pop("z0")
-            rows.append(dict(targets=n, variant=name, speedup_vs_naive=base / r["seconds_per_image"],
+            rows.append(dict(targets=n, variant=name, speedup_vs_naive=base / r["cpu_seconds_per_image"],
                              cached_equals_uncached=same[int(name.split("=")[1])], **r))
-    print(f"\n{'targets':>7} {'variant':13s} {'s/image':>8} {'x naive':>7} {'UNet calls':>10} {'cache MiB':>9} "
-          f"{'identical':>9}")
+    print(f"\n{'targets':>7} {'variant':13s} {'s/image':>8} {'CPU s/im':>8} {'x naive':>7} {'UNet calls':>10} "
+          f"{'cache MiB':>9} {'identical':>9}")
     for r in rows:
-        print(f"{r['targets']:7d} {r['variant']:13s} {r['seconds_per_image']:8.3f} {r['speedup_vs_naive']:7.2f} "
+        print(f"{r['targets']:7d} {r['variant']:13s} {r['seconds_per_image']:8.3f} {r['cpu_seconds_per_image']:8.3f} "
+              f"{r['speedup_vs_naive']:7.2f} "
               f"{r['unet_calls']:10d} {r['cache_bytes'] / 2**20:9.2f} {str(r['cached_equals_uncached']):>9}")
     meta = dict(model=args.model, device=str(bb.device), dtype=str(bb.dtype), steps=args.steps,
                 resolution=bb.resolution, threads=torch.get_num_threads(), repeats=args.repeats)
