@@ -47,7 +47,10 @@ from ops.storage import Storage, sha256_bytes
 KINDS = ("diff", "attention", "localization")
 FINAL_CHOICES = KINDS + ("method", "target")
 REFINED_ASSET = "refined_masks"
-DEFAULT_FINAL = {"apo": "localization", "bgdisentangle": "attention", "cutpaste": "method", "perlin": "method"}
+# o2mag decodes the whole image (its background drifts slightly), so a difference mask would spread over it; its own
+# mask is M_T, already narrowed by the captured cross-attention when its refine_mask option is on.
+DEFAULT_FINAL = {"apo": "localization", "bgdisentangle": "attention", "cutpaste": "method", "perlin": "method",
+                 "o2mag": "method"}
 
 REFINED_SCHEMA = pa.schema([
     ("category", pa.string()), ("method", pa.string()), ("defect_type", pa.string()), ("index", pa.int64()),
