@@ -91,13 +91,15 @@ def _failed_checks(result: Any) -> list[str]:
 
 def run_lineage(defs: dg.Definitions, instance: dg.DagsterInstance, categories: Sequence[str],
                 methods: Sequence[str], echo: Callable[[str], None] = print, tags: dict[str, str] | None = None,
-                log_level: str = "INFO") -> list[StepResult]:
-    """Run every stage job of ``defs`` for ``categories`` x ``methods``, one partition per run, in lineage order."""
+                log_level: str = "INFO", start: float | None = None) -> list[StepResult]:
+    """Run every stage job of ``defs`` for ``categories`` x ``methods``, one partition per run, in lineage order.
+
+    ``start``: ``time.monotonic()`` value the printed elapsed times count from (default: now)."""
     stages = lineage_stages(list(defs.assets or []))
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     failed: set[str] = set()  # categories and "category|method" keys whose downstream must be skipped
     results: list[StepResult] = []
-    start = time.monotonic()
+    start = time.monotonic() if start is None else start
     for stage in stages:
         job = defs.resolve_job_def(stage.job_name)
         for key in stage.partition_keys(categories, methods):
@@ -229,7 +231,8 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
         new = [c for c in categories if not instance.has_dynamic_partition("category", c)]
         if new:
             instance.add_dynamic_partitions("category", new)
-        steps = run_lineage(defs, instance, categories, methods, echo, tags={"anomaly_forge/trigger": "demo"})
+        steps = run_lineage(defs, instance, categories, methods, echo, tags={"anomaly_forge/trigger": "demo"},
+                            start=t0)
     storage = Storage(storage_root)
     summary = summary_table(storage, categories, methods)
     detection_report = _detection_report(storage, categories, methods)
