@@ -137,6 +137,8 @@ def config_hash(cfg: APOConfig, backbone: Any, samples: Sequence[Sample]) -> str
 
 
 class APO(Method):
+    """APO: CPO preference training of a time-aware (TACA) LoRA, hierarchical 3-term guidance, deviation-guided masks."""
+
     name = "apo"
     config_cls = APOConfig
     needs_backbone = True

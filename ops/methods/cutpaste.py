@@ -50,6 +50,8 @@ class CutPasteConfig(MethodConfig):
 
 
 class CutPaste(Method):
+    """Real defect region of a support image, re-fitted onto the target mask and Poisson-blended into a normal image."""
+
     name = "cutpaste"
     config_cls = CutPasteConfig
     needs_backbone = False

@@ -115,6 +115,8 @@ def render_prompt(cfg: O2MAGConfig, category: str, defect_type: str) -> str:
 
 
 class O2MAG(Method):
+    """O2MAG, training-free: AGO text embedding, tri-branch self-attention grafting (TriAG), dual attention enhancement."""
+
     name = "o2mag"
     config_cls = O2MAGConfig
     needs_backbone = True

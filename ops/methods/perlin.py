@@ -56,6 +56,8 @@ class PerlinConfig(MethodConfig):
 
 
 class Perlin(Method):
+    """DRAEM-style anomaly: thresholded Perlin noise inside the target mask, filled with an offline texture (beta-blended)."""
+
     name = "perlin"
     config_cls = PerlinConfig
     needs_backbone = False
