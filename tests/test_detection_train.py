@@ -142,7 +142,7 @@ def test_saved_checkpoint_export_and_config_are_the_selected_model(run):
     assert rerun.success and _manifest(storage, "anomaly_detectors")["reused"].all()  # same inputs: no retraining
 
 
-def test_supersimplenet_and_draem_train_on_synthetic_anomalies(tmp_path, demo_split):
+def test_supersimplenet_draem_and_weak_segmenter_train_on_synthetic_anomalies(tmp_path, demo_split):
     from ops.detection.anomalib_models import SyntheticDraem
     from ops.generation import fit_adapter, synthesize_partition
 
@@ -150,12 +150,17 @@ def test_supersimplenet_and_draem_train_on_synthetic_anomalies(tmp_path, demo_sp
     adapters = fit_adapter(storage, "brick", "perlin", demo_split, None, {}, progress=lambda *a: None)
     synthetic = synthesize_partition(storage, "brick", "perlin", demo_split, adapters, None, n=6, seed=0, cfg={},
                                      progress=lambda *a: None)
-    cfg = {"detectors": ["supersimplenet", "draem"], "image_size": 128, "steps": {"supersimplenet": 2, "draem": 2},
-           "val_every": 1, "batch_size": 4, "options": {"draem": {"recon_width": 8, "disc_width": 8}}}
+    cfg = {"detectors": ["supersimplenet", "draem", "segmenter"], "image_size": 128, "val_every": 1, "batch_size": 4,
+           "steps": {"supersimplenet": 2, "draem": 2, "segmenter": 2}, "weak_methods": ["perlin"],
+           "options": {"draem": {"recon_width": 8, "disc_width": 8}}}
     with pytest.raises(ValueError, match="image_size >= 128"):
         train_detectors(storage, "brick", "perlin", demo_split, synthetic, None, {**cfg, "image_size": 64})
     det = train_detectors(storage, "brick", "perlin", demo_split, synthetic, None, cfg)
-    assert det["detector"].tolist() == ["supersimplenet", "draem"] and (det["trained_on"] == "synthetic").all()
+    assert det["detector"].tolist() == ["supersimplenet", "draem", "segmenter"]
+    assert (det["trained_on"] == "synthetic").all()
+    weak = det.set_index("detector")["weak_tau"]
+    assert weak[["supersimplenet", "draem"]].isna().all() and weak["segmenter"] == 0.9  # AnoGen loss: segmenter only
+    assert json.loads(det.set_index("detector").loc["segmenter", "config_json"])["weak_tau"] == 0.9
     assert det["selected_step"].between(1, 2).all() and det["val_score"].notna().all()
     assert det.set_index("detector").loc["supersimplenet", "backbone_source"].startswith("pypi:")
     ev = evaluate_detectors(storage, demo_split, det, cfg)
