@@ -14,15 +14,15 @@ Choices where the paper or the brief leave room (more in the two helper modules)
 - No classifier-free guidance: the reference and normal branches are DDIM reconstructions of their inversions,
   which CFG would break; the semantics come from e* and the grafted keys/values.
 - Output image: the WHOLE decoded target image, as in the paper, resized from ``backbone.resolution`` back to the
-  normal image's size (``background="generated"``, default); outside M_T it is close to, not equal to, the normal
+  normal image's size (``background="generated"``, the field default and the ``paper`` preset); outside M_T it is close to, not equal to, the normal
   branch's reconstruction (tolerance in ``o2mag_triag``). ``background="normal"`` instead pastes the decoded
   target onto the original normal pixels on the latent cells M_T touches (upsampled), so the rest is the
   original image to the bit. On the untrained tiny backbone the VAE alone turns any image into noise, so only
-  "normal" gives a recognisable background there.
+  "normal" gives a recognisable background there: the ``demo`` preset (the default preset) uses it.
 - Output mask: the target mask M_T; with ``refine_mask=True`` it is M_T refined by the captured cross-attention
   of the anomaly tokens (``ops.masks.refine.attention_mask``, eq. 13 of the bg-disentangle paper), falling back
   to M_T when that leaves nothing (recorded in the row's params).
-- Presets: ``demo`` (default: AGO 30 steps, 12 DDIM steps) keeps the CPU demo fast; ``paper`` = AGO 500 Adam
+- Presets: ``demo`` (default: AGO 30 steps, 12 DDIM steps, background "normal") keeps the CPU demo fast; ``paper`` = AGO 500 Adam
   steps at lr 3e-3 and 50 DDIM steps on SD 1.5. Explicit options override the preset. The paper publishes no
   graft layers/steps nor DAE range/factor: defaults are the decoder at every step, DAE x1.5 on the middle 40 %.
 - Files: ``out_dir/ago/<key>.safetensors`` per support image; embeddings of images no longer in the support are
@@ -45,8 +45,10 @@ from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 AGO_DIR = "ago"
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {},
-    "paper": dict(ago_steps=500, ago_lr=3e-3, ago_ckpt_every=100, steps=50),
+    # The demo runs on the untrained tiny backbone, whose VAE turns any image into noise: keep the original pixels
+    # outside the generated region so the demo's images (and background metrics) show the placement mechanics.
+    "demo": dict(background="normal"),
+    "paper": dict(ago_steps=500, ago_lr=3e-3, ago_ckpt_every=100, steps=50, background="generated"),
 }
 LAYER_GROUPS = ("down", "mid", "up")  # or full attention-processor names of the UNet
 
