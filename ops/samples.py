@@ -6,10 +6,13 @@ masks on disk are 8-bit PNGs where any non-zero pixel is defect.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from ops.types import Sample
 
 
 def read_rgb(path: Any) -> np.ndarray:

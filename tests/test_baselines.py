@@ -4,7 +4,7 @@ from scipy import ndimage
 
 from ops.masks.targets import sample_target_mask
 from ops.methods.base import check_results
-from ops.methods.cutpaste import CutPaste, CutPasteConfig, poisson_blend
+from ops.methods.cutpaste import CutPaste, poisson_blend
 from ops.methods.perlin import Perlin, perlin_noise
 from ops.methods.registry import BASELINES, get_method
 from ops.types import Adapter, Sample, SynthesisJob

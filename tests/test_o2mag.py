@@ -10,7 +10,8 @@ import torch
 from ops.diffusion.backbone import load_backbone
 from ops.diffusion.training import denoising_loss
 from ops.diffusion.vae import encode
-from ops.methods.o2mag import O2MAG, O2MAGConfig, render_prompt
+from ops.methods.base import render_prompt
+from ops.methods.o2mag import O2MAG, O2MAGConfig
 from ops.methods.o2mag_ago import AGOSettings, load_embedding, optimize_embedding
 from ops.types import Sample, SynthesisJob
 

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import skimage.data
 
 from ops.masks.targets import analyze_foreground, foreground_mask, sample_target_mask
 

@@ -55,7 +55,7 @@ from ops.diffusion.vae import encode
 from ops.manifest import dumps
 from ops.methods.apo_loss import cpo_batch
 from ops.methods.apo_sampling import LoRAGate, generate, refine_target_mask, threshold_map
-from ops.methods.base import Method, MethodConfig, Progress, no_progress
+from ops.methods.base import Method, MethodConfig, Progress, no_progress, render_prompt
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
@@ -118,10 +118,6 @@ class APOConfig(MethodConfig):
             self.prompt.format(category="c", defect_type="d")
         except (KeyError, IndexError) as e:
             raise ValueError(f"APOConfig.prompt {self.prompt!r} may only use {{category}} and {{defect_type}}") from e
-
-
-def render_prompt(cfg: APOConfig, category: str, defect_type: str) -> str:
-    return cfg.prompt.format(category=category, defect_type=defect_type.replace("_", " "))
 
 
 def config_hash(cfg: APOConfig, backbone: Any, samples: Sequence[Sample]) -> str:

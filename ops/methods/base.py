@@ -39,6 +39,11 @@ class MethodConfig:
         return cls(**values)
 
 
+def render_prompt(cfg: Any, category: str, defect_type: str) -> str:
+    """The method's prompt template (its ``prompt`` option) for one category and defect type."""
+    return cfg.prompt.format(category=category, defect_type=defect_type.replace("_", " "))
+
+
 class Method:
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig

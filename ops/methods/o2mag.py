@@ -39,7 +39,7 @@ import numpy as np
 
 from ops.diffusion.vae import image_key
 from ops.masks.refine import attention_mask
-from ops.methods.base import Method, MethodConfig, Progress, no_progress
+from ops.methods.base import Method, MethodConfig, Progress, no_progress, render_prompt
 from ops.methods.o2mag_ago import AGOSettings, fit_reference, load_embedding
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
@@ -110,10 +110,6 @@ class O2MAGConfig(MethodConfig):
     def ago_settings(self) -> AGOSettings:
         return AGOSettings(steps=self.ago_steps, lr=self.ago_lr, seed=self.seed, batch_size=self.ago_batch_size,
                            ckpt_every=self.ago_ckpt_every)
-
-
-def render_prompt(cfg: O2MAGConfig, category: str, defect_type: str) -> str:
-    return cfg.prompt.format(category=category, defect_type=defect_type.replace("_", " "))
 
 
 class O2MAG(Method):
