@@ -8,8 +8,9 @@ normal / target branches on three latents with attention grafting between them.
 
 Choices:
 - ``mode="batched"`` concatenates the branches that share an adapter state into one UNet call (adapter states
-  differ by weights, so different states are always separate calls; per-sample LoRA scaling inside one batch is
-  not supported by diffusers/peft layers). ``mode="sequential"`` runs one call per branch. ``"auto"`` =
+  differ by weights, so different states are always separate calls here; a method that needs mixed LoRA states in
+  one call gates the LoRA per sample with ``ops.diffusion.lora.lora_gates``, as APO's hierarchical step does).
+  ``mode="sequential"`` runs one call per branch. ``"auto"`` =
   sequential on CPU, batched on CUDA, as the task brief fixed it (it measured a CPU batch of 3 at 1.1-1.4x three
   batch-1 calls) and as other modules' tests now rely on. NOTE: bench/bench_toolkit.py did NOT reproduce that
   here: on this 2-core CPU (tiny backbone, 1 torch thread, interleaved timing) a batch of 3 took 0.75x the time of
