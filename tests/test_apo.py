@@ -255,6 +255,7 @@ def test_changed_training_config_retrains_instead_of_resuming(backbone, support,
 
 
 def test_zero_align_reproduces_reference_cfg_sampling_exactly(backbone, loaded):
+    from ops.diffusion.branches import BranchRunner
     from ops.diffusion.ddim import cfg_branches, sample
     from ops.diffusion.lora import lora_disabled
     from ops.methods.apo_sampling import generate, initial_noise
@@ -263,7 +264,9 @@ def test_zero_align_reproduces_reference_cfg_sampling_exactly(backbone, loaded):
     size = (backbone.resolution, backbone.resolution)
     with lora_disabled(backbone.unet):
         branches, guidance = cfg_branches(cond, uncond, 5.0)
-        ref = sample(backbone, initial_noise(backbone, 7), branches, guidance, num_steps=STEPS)["x"]
+        # exact equality needs the same branch layout on both sides (one call per branch)
+        ref = sample(backbone, initial_noise(backbone, 7), branches, guidance, num_steps=STEPS,
+                     runner=BranchRunner(backbone, mode="sequential"))["x"]
     plain = generate(backbone, gate, cond, uncond, 7, size, STEPS, 5.0, 0.0, branch_mode="sequential")
     assert torch.equal(plain.latent, ref)
     batched = generate(backbone, gate, cond, uncond, 7, size, STEPS, 5.0, 0.0, branch_mode="batched")

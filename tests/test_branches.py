@@ -41,10 +41,10 @@ def _rules():
             Reweight(1.5, tokens=[5], query_mask=m_t, branches=["tgt"]), Capture("cross"), Capture("self")]
 
 
-def test_auto_mode_follows_the_device(bb):
-    assert resolve_mode("auto", torch.device("cpu")) == "sequential" == BranchRunner(bb).mode
+def test_auto_mode_is_batched_as_measured(bb):
+    assert resolve_mode("auto", torch.device("cpu")) == "batched" == BranchRunner(bb).mode
     assert resolve_mode("auto", torch.device("cuda")) == "batched"
-    assert resolve_mode("batched", torch.device("cpu")) == "batched"
+    assert resolve_mode("sequential", torch.device("cpu")) == "sequential"
     with pytest.raises(ValueError, match="unknown branch mode"):
         resolve_mode("parallel")
 

