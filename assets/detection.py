@@ -13,6 +13,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.generation import SPLITS_BY_CATEGORY, log_progress
+from assets.metadata import image_metadata
 from assets.partitions import GPU_POOL, GPU_TAGS, category_method_partitions, split_key
 from resources.settings import ForgeSettings
 from resources.storage import StorageResource
@@ -63,7 +64,7 @@ def detector_evaluation(context: dg.AssetExecutionContext, few_shot_splits: pd.D
                         anomaly_detectors: pd.DataFrame, settings: ForgeSettings,
                         storage: StorageResource) -> dg.Output[pd.DataFrame]:
     """Image / pixel AUROC, AP, F1-max and AUPRO of each detector on the held-out real defects + test/good."""
-    from ops.detection.report import metrics_plot, png_markdown, summary_table
+    from ops.detection.report import metrics_plot, summary_table
     from ops.detection.stage import evaluate_detectors
     from ops.viz import markdown_table
 
@@ -72,11 +73,11 @@ def detector_evaluation(context: dg.AssetExecutionContext, few_shot_splits: pd.D
     df = evaluate_detectors(store, few_shot_splits, anomaly_detectors, _config(settings),
                             progress=log_progress(context))
     png = metrics_plot(df, f"{category} / {method}")
-    rel = store.write_bytes(f"previews/detector_evaluation/{category}/{method}.png", png)
     return dg.Output(df, metadata={
         "rows": len(df), "n_test_defective": int(df["n_test_defective"].max()) if len(df) else 0,
         "table": dg.MetadataValue.md(markdown_table(summary_table(df))),
-        "plot": dg.MetadataValue.md(f"{png_markdown(png, 'detector metrics')}\n\n`{store.path(rel)}`")})
+        "plot": image_metadata(store, f"previews/detector_evaluation/{category}/{method}.png", png,
+                               "detector metrics")})
 
 
 @dg.asset_check(asset=detector_evaluation, partitions_def=category_method_partitions, blocking=False)

@@ -11,7 +11,6 @@ Choices:
   the generation stage prunes) and embedded in the Markdown metadata as a base64 data URI, which the Dagster UI
   renders inline; the metadata also carries its path.
 """
-import base64
 import io
 import json
 import time
@@ -20,6 +19,7 @@ from typing import Any, Callable
 import dagster as dg
 import pandas as pd
 
+from assets.metadata import image_metadata
 from assets.partitions import CATEGORY, GPU_POOL, GPU_TAGS, category_method_partitions, split_key
 from resources.backbone import DiffusionBackbone
 from resources.settings import ForgeSettings
@@ -91,10 +91,7 @@ def synthetic_anomalies(context: dg.AssetExecutionContext, few_shot_splits: pd.D
                             "counts": dg.MetadataValue.md(markdown_table(counts))}
     if len(df):
         rel = f"previews/synthetic_anomalies/{category}/{method}.png"
-        png = preview_png(store, df)
-        store.write_bytes(rel, png)
-        meta["preview"] = dg.MetadataValue.md(
-            f"![preview](data:image/png;base64,{base64.b64encode(png).decode()})\n\n`{store.path(rel)}`")
+        meta["preview"] = image_metadata(store, rel, preview_png(store, df), "preview")
         meta["preview_path"] = dg.MetadataValue.path(str(store.path(rel)))
     return dg.Output(df, metadata=meta)
 

@@ -17,6 +17,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.generation import SPLITS_BY_CATEGORY, log_progress
+from assets.metadata import image_metadata
 from assets.partitions import GPU_POOL, GPU_TAGS, category_method_partitions, split_key
 from resources.settings import ForgeSettings
 from resources.storage import ALLOW_MISSING, StorageResource
@@ -33,13 +34,6 @@ def _options(settings: ForgeSettings) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"ForgeSettings.quality_options['refine'] must be a dict of RefineConfig options, got "
                          f"{refine!r}")
     return refine, opts
-
-
-def _plot_md(store: Any, rel: str, png: bytes, title: str) -> dg.MetadataValue:
-    from ops.metrics.quality import png_data_uri
-
-    store.write_bytes(rel, png)
-    return dg.MetadataValue.md(f"![{title}]({png_data_uri(png)})\n\n`{store.path(rel)}`")
 
 
 @dg.asset(partitions_def=category_method_partitions, group_name="quality", kinds={"parquet"})
@@ -97,7 +91,7 @@ def quality_metrics(context: dg.AssetExecutionContext, few_shot_splits: pd.DataF
     return dg.Output(df, metadata={
         "rows": len(df), "seconds": float(df["seconds"].iloc[0]),
         "table": dg.MetadataValue.md(markdown_table(df[SHOWN])),
-        "plot": _plot_md(store, f"previews/quality_metrics/{category}/{method}.png",
+        "plot": image_metadata(store, f"previews/quality_metrics/{category}/{method}.png",
                          quality_plot(df, f"{category} / {method}"), "quality"),
         "backbones": dg.MetadataValue.json(nets.describe()),
         "skipped_metrics": dg.MetadataValue.md("\n".join(f"- `{k}`: {v}" for k, v in sorted(skipped.items()))
@@ -126,8 +120,8 @@ def quality_summary(quality_metrics: pd.DataFrame, storage: StorageResource) -> 
     per_pair = df[df["category"] != "__mean__"]
     return dg.Output(df, metadata={
         "pairs": len(per_pair), "table": dg.MetadataValue.md(markdown_table(df)),
-        "plot": _plot_md(storage.get(), "previews/quality_summary.png", quality_plot(per_pair, "quality summary"),
-                         "summary")})
+        "plot": image_metadata(storage.get(), "previews/quality_summary.png",
+                               quality_plot(per_pair, "quality summary"), "summary")})
 
 
 ASSETS = [refined_masks, quality_metrics, quality_summary]

@@ -12,14 +12,13 @@ Choices:
 """
 from __future__ import annotations
 
-import base64
-import io
 from typing import Any
 
 import pandas as pd
 
 from ops.detection.evaluate import METRIC_COLUMNS
 from ops.manifest import write_manifest
+from ops.viz import figure_png
 
 REPORT_MD = "reports/detectors.md"
 REPORT_PNG = "reports/detectors.png"
@@ -63,15 +62,7 @@ def metrics_plot(evaluation_df: pd.DataFrame, title: str = "") -> bytes:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def png_markdown(png: bytes, alt: str) -> str:
-    """Inline image for Dagster's Markdown metadata (a base64 data URI: no file server needed)."""
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+    return figure_png(fig)
 
 
 def report_markdown(evaluation_df: pd.DataFrame, image_name: str = "detectors.png") -> str:

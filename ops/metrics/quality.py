@@ -22,9 +22,7 @@ Choices where the issue or papers leave room:
 """
 from __future__ import annotations
 
-import base64
 import functools
-import io
 import json
 import math
 import time
@@ -47,6 +45,7 @@ from ops.metrics.weights import Missing
 from ops.progress import progress_bar
 from ops.samples import load_sample, read_mask, read_rgb
 from ops.storage import Storage
+from ops.viz import figure_png
 
 QUALITY_ASSET = "quality_metrics"
 ALL = "__all__"
@@ -369,11 +368,4 @@ def quality_plot(df: pd.DataFrame, title: str = "") -> bytes:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def png_data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+    return figure_png(fig)
