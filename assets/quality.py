@@ -92,7 +92,7 @@ def quality_metrics(context: dg.AssetExecutionContext, few_shot_splits: pd.DataF
         "rows": len(df), "seconds": float(df["seconds"].iloc[0]),
         "table": dg.MetadataValue.md(markdown_table(df[SHOWN])),
         "plot": image_metadata(store, f"previews/quality_metrics/{category}/{method}.png",
-                         quality_plot(df, f"{category} / {method}"), "quality"),
+                               quality_plot(df, f"{category} / {method}"), "quality"),
         "backbones": dg.MetadataValue.json(nets.describe()),
         "skipped_metrics": dg.MetadataValue.md("\n".join(f"- `{k}`: {v}" for k, v in sorted(skipped.items()))
                                                or "none")})
