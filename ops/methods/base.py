@@ -63,6 +63,19 @@ class Method:
         raise NotImplementedError
 
 
+def synthesize_each(name: str, jobs: Sequence[SynthesisJob],
+                    make: Callable[[SynthesisJob], tuple[Any, Any, dict[str, Any]]],
+                    progress: Progress = no_progress) -> Iterator[Synthetic]:
+    """One job at a time for methods without batching: ``make(job) -> (image, mask, params)``, timed per job."""
+    import time
+
+    for done, job in enumerate(jobs, 1):
+        start = time.perf_counter()
+        image, mask, params = make(job)
+        yield Synthetic(job=job, image=image, mask=mask, params=params, seconds=time.perf_counter() - start)
+        progress(name, done, len(jobs))
+
+
 def check_results(jobs: Sequence[SynthesisJob], results: Iterable[Synthetic]) -> Iterator[Synthetic]:
     """Pass results through, checking the contract (one per job, right shapes) as they stream."""
     expected = {j.index for j in jobs}

@@ -27,7 +27,6 @@ same image) leave room:
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -37,7 +36,7 @@ from scipy import ndimage, sparse
 from scipy.sparse.linalg import splu
 
 from ops.masks.targets import similarity_matrix
-from ops.methods.base import Method, MethodConfig, Progress, no_progress
+from ops.methods.base import Method, MethodConfig, Progress, no_progress, synthesize_each
 from ops.types import Adapter, Synthetic, SynthesisJob
 
 
@@ -62,12 +61,11 @@ class CutPaste(Method):
         if cfg.blend not in ("poisson", "feather") or cfg.margin < 0 or not 0 <= cfg.jitter < 1 or cfg.angle_step <= 0:
             raise ValueError(f"cutpaste config: blend must be 'poisson' or 'feather', margin >= 0, 0 <= jitter < 1 and "
                              f"angle_step > 0; got {cfg}")
-        for done, job in enumerate(jobs, 1):
-            start = time.perf_counter()
+        def make(job: SynthesisJob) -> tuple[np.ndarray, np.ndarray, dict]:
             image, params = cut_paste(job, cfg)
-            yield Synthetic(job=job, image=image, mask=job.target_mask.copy(), params=params,
-                            seconds=time.perf_counter() - start)
-            progress("cutpaste", done, len(jobs))
+            return image, job.target_mask.copy(), params
+
+        return synthesize_each(self.name, jobs, make, progress)
 
 
 def cut_paste(job: SynthesisJob, cfg: CutPasteConfig) -> tuple[np.ndarray, dict]:

@@ -25,7 +25,6 @@ Choices where the paper, its code and the brief differ or are silent:
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator, Sequence
@@ -34,7 +33,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from ops.methods.base import Method, MethodConfig, Progress, no_progress
+from ops.methods.base import Method, MethodConfig, Progress, no_progress, synthesize_each
 from ops.types import Adapter, Synthetic, SynthesisJob
 
 TEXTURES = ("brick", "grass", "gravel", "moon", "immunohistochemistry", "hubble_deep_field", "coffee", "chelsea",
@@ -66,11 +65,7 @@ class Perlin(Method):
     def synthesize(self, backbone, adapter: Adapter, jobs: Sequence[SynthesisJob], cfg: PerlinConfig,
                    progress: Progress = no_progress) -> Iterator[Synthetic]:
         _check(cfg)
-        for done, job in enumerate(jobs, 1):
-            start = time.perf_counter()
-            image, mask, params = draem_anomaly(job, cfg)
-            yield Synthetic(job=job, image=image, mask=mask, params=params, seconds=time.perf_counter() - start)
-            progress("perlin", done, len(jobs))
+        return synthesize_each(self.name, jobs, lambda job: draem_anomaly(job, cfg), progress)
 
 
 def _check(cfg: PerlinConfig) -> None:
