@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
-import types
-from pathlib import Path
 
 import pytest
 
@@ -15,15 +12,14 @@ from ops.splits import make_split
 # tqdm bars only clutter captured test output.
 os.environ.setdefault("ANOMALY_FORGE_NO_PROGRESS", "1")
 
-# torch-fidelity installs a regular top-level package "tests" into site-packages, and a regular package wins
-# over this folder (a namespace package without __init__.py) wherever it sits on sys.path; without this,
-# `from tests.fixtures import ...` fails. An empty tests/__init__.py would make this a no-op.
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in list(getattr(sys.modules.get("tests"), "__path__", [])):
-    _pkg = types.ModuleType("tests")
-    _pkg.__path__ = [str(_HERE)]
-    sys.modules["tests"] = _pkg
 
+
+@pytest.fixture(scope="session")
+def bb():
+    """The shared tiny backbone (fp32 on CPU). Tests that add LoRA layers load a private copy (cache=False)."""
+    from ops.diffusion.backbone import load_backbone
+
+    return load_backbone("tiny", device="cpu")
 
 
 @pytest.fixture(scope="session")

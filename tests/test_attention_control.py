@@ -8,17 +8,11 @@ from diffusers.models.attention_processor import Attention
 
 from ops.diffusion.attention import (AttentionController, Capture, ControlledProcessor, DelayedFocus, Graft,
                                      LayerInfo, Reweight, TokenRegions)
-from ops.diffusion.backbone import load_backbone
 from ops.diffusion.branches import Branch, BranchRunner
 from ops.diffusion.ddim import sample
 
 torch.set_num_threads(1)
 T = 500
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return load_backbone("tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")

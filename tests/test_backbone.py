@@ -15,11 +15,6 @@ from ops.diffusion.tiny import bytes_to_unicode, clip_vocab_and_merges
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def bb():
-    return load_backbone("tiny", device="cpu")
-
-
 def _eps(bb, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(1, 4, bb.latent_size, bb.latent_size, generator=g)

@@ -6,17 +6,12 @@ import pytest
 import torch
 
 from ops.diffusion.attention import AttentionController, Capture, Graft, Reweight
-from ops.diffusion.backbone import build_backbone, load_backbone
+from ops.diffusion.backbone import build_backbone
 from ops.diffusion.branches import Branch, BranchRunner, adapters_disabled, lora_scale, resolve_mode
 from ops.diffusion.ddim import linear_guidance, sample
 
 torch.set_num_threads(1)
 T = 400
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return load_backbone("tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from ops.diffusion import inversion as invm
-from ops.diffusion.backbone import load_backbone
 from ops.diffusion.blend import LatentBlend, forward_noised, latent_mask
 from ops.diffusion.branches import Branch
 from ops.diffusion.ddim import DDIMGrid, cfg, cfg_branches, ddim_grid, linear_guidance, sample
@@ -34,11 +33,6 @@ class GaussianDenoiser(torch.nn.Module):
         a = float(self.ac[int(timestep)])
         eps = (1 - a) ** 0.5 * (sample.double() - a ** 0.5 * self.mu)
         return types.SimpleNamespace(sample=eps.to(sample.dtype))
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return load_backbone("tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")
