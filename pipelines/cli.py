@@ -56,6 +56,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     size=args.size, seed=args.seed, settings=_json_settings(args.settings))
 
 
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from ops.forge_base.train import BaseTrainConfig, train_base
+
+    cfg = BaseTrainConfig(pool_size=args.pool_size, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                          vae_batch=args.vae_batch, unet_batch=args.unet_batch, seed=args.seed, dtype=args.dtype)
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    command = ("anomaly-forge train-base --out DIR " + " ".join(
+        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("pool_size", "vae_steps", "unet_steps", "vae_batch",
+                                                                "unet_batch", "seed", "dtype")))
+    train_base(args.out, cfg, command=command)
+    return 0
+
+
 def cmd_list_methods(_args: argparse.Namespace) -> int:
     from ops.methods.registry import BASELINES, available_methods, get_method
 
@@ -141,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--categories", help="comma-separated categories (default: every partition)")
     mat.add_argument("--methods", help="comma-separated methods (default: all registered)")
     mat.set_defaults(func=cmd_materialize)
+
+    base = sub.add_parser("train-base", help="train the forge-base diffusion model into a diffusers folder "
+                                             "(resumes an interrupted run from OUT/.train)")
+    base.add_argument("--out", required=True, help="output folder (diffusers layout; checkpoints in OUT/.train)")
+    defaults = __import__("ops.forge_base.train", fromlist=["BaseTrainConfig"]).BaseTrainConfig()
+    for name in ("pool_size", "vae_steps", "unet_steps", "vae_batch", "unet_batch", "seed"):
+        base.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                          help=f"default {getattr(defaults, name)}")
+    base.add_argument("--dtype", default=defaults.dtype, choices=("float16", "float32"),
+                      help="dtype of the saved weights (training is float32)")
+    base.set_defaults(func=cmd_train_base)
 
     lst = sub.add_parser("list-methods", help="list the registered generation methods")
     lst.set_defaults(func=cmd_list_methods)

@@ -1,4 +1,4 @@
-"""Loading the diffusion backbone (DESIGN §3): ``tiny``, a local diffusers folder, or a hub id.
+"""Loading the diffusion backbone (DESIGN §3): ``forge-base``, ``tiny``, a local diffusers folder, or a hub id.
 
 ``load_backbone`` returns a :class:`Backbone` holding the Stable-Diffusion components. Choices:
 - One backbone per process per (model, device, dtype, attention): a module-level cache, because methods, the
@@ -15,6 +15,8 @@
   ``HF_HUB_OFFLINE=1`` hub ids resolve from the HF cache only (``local_files_only``). A missing model raises
   ``FileNotFoundError`` naming the folder/cache and how to fix it; nothing downloads unless the HF libraries are
   allowed to (online and not offline-forced).
+- ``forge-base`` is the project's own trained small model (``ops.forge_base``): the name resolves to its shipped
+  diffusers folder, which then loads exactly as a user's SD folder does; ``model_id`` stays "forge-base".
 - ``resolution`` = unet sample_size x VAE downsampling factor (512 for SD 1.5, 128 for tiny).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 TINY = "tiny"
+FORGE_BASE = "forge-base"
 _CACHE: dict[tuple[str, str, str, str], "Backbone"] = {}
 _LOCK = threading.Lock()
 
@@ -167,6 +170,10 @@ def build_backbone(model: str = TINY, device: str | torch.device = "auto", dtype
         from ops.diffusion.tiny import build_tiny_components
 
         parts = build_tiny_components()
+    elif model == FORGE_BASE:
+        from ops.forge_base import model_dir
+
+        parts = _load_components(str(model_dir()))
     else:
         parts = _load_components(model)
     for name in ("unet", "vae", "text_encoder"):
