@@ -60,7 +60,7 @@ def build_definitions(storage_root: str | None = None, **settings: Any) -> dg.De
         asset_checks=checks,
         jobs=jobs,
         schedules=[build_regeneration_schedule(by_name[GENERATION_JOB])] if GENERATION_JOB in by_name else [],
-        sensors=[build_new_category_sensor(stages, jobs)],
+        sensors=[build_new_category_sensor()],
         resources=build_resources(storage_root, **settings),
     )
 

@@ -1,6 +1,7 @@
-"""New-category sensor (partitions, staged backfill, cursor) and the regeneration schedule."""
+"""New-category sensor (stable folders, one asset backfill, listing hash, skip reasons) and the regeneration schedule."""
 import datetime as dt
 import json
+import shutil
 
 import dagster as dg
 import pytest
@@ -9,6 +10,11 @@ from assets.partitions import category_method_partitions, method_partitions
 from ops.methods.registry import available_methods
 from pipelines.definitions import build_definitions
 from pipelines.jobs import GENERATION_JOB, INGEST_JOB, build_jobs, lineage_stages
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+from dagster._core.definitions.events import AssetKeyPartitionKey
+
+from pipelines.backfill import CATEGORY_TAG, LISTING_TAG, submit_backfill
+from pipelines.sensors import READY_MARKER
 from pipelines.schedules import CRON_ENV, DEFAULT_CRON, build_regeneration_schedule
 from tests.fixtures.layouts import build_mvtec
 
@@ -40,53 +46,96 @@ def _report(instance, asset, partition):
     instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=asset, partition=partition))
 
 
-def test_sensor_adds_new_categories_and_backfills_stage_by_stage(setup, tmp_path):
+def _backfills(result):
+    return [r for r in result.run_requests if r.requires_backfill_daemon()]
+
+
+def _partitions(request):
+    return {(k.asset_key.to_user_string(), k.partition_key) for k in request.asset_graph_subset.iterate_asset_partitions()}
+
+
+def test_sensor_waits_for_a_stable_folder_then_requests_one_backfill(setup):
     root, defs, instance = setup
     instance.add_dynamic_partitions("category", ["known"])  # an existing partition is not re-ingested
     build_mvtec(root, "known", defects=DEFECTS)
 
-    first = _tick(defs, instance, None)
-    assert [(r.partitions_def_name, list(r.partition_keys)) for r in first.dynamic_partitions_requests] == [
-        ("category", ["widget"])]
-    assert [(r.job_name, r.partition_key) for r in first.run_requests] == [(INGEST_JOB, "widget")]
-    assert set(instance.get_dynamic_partitions("category")) == {"known", "widget"}
-
-    # the ingest request is a valid run of the real job
-    run = defs.resolve_job_def(INGEST_JOB).execute_in_process(partition_key=first.run_requests[0].partition_key,
-                                                              instance=instance)
-    assert run.success
-    assert (tmp_path / "storage" / "manifests" / "few_shot_splits" / "widget.parquet").exists()
+    first = _tick(defs, instance, None)  # widget seen for the first time: it may still be copying
+    assert not first.run_requests and not first.dynamic_partitions_requests
+    assert "widget" in first.skip_message and "unchanged" in first.skip_message
+    assert "known" not in first.skip_message
 
     second = _tick(defs, instance, first.cursor)
-    stages = lineage_stages(list(defs.assets))
-    assert stages[1].job_name == GENERATION_JOB
-    expected = {str(dg.MultiPartitionKey({"category": "widget", "method": m})) for m in available_methods()}
-    assert {(r.job_name, str(r.partition_key)) for r in second.run_requests} == {(GENERATION_JOB, k) for k in expected}
-    assert not second.dynamic_partitions_requests
+    assert [(r.partitions_def_name, list(r.partition_keys)) for r in second.dynamic_partitions_requests] == [
+        ("category", ["widget"])]
+    [request] = second.run_requests
+    assert request.requires_backfill_daemon() and request.tags[CATEGORY_TAG] == "widget"
+    methods = available_methods()
+    wanted = {("raw_defect_sets", "widget"), ("few_shot_splits", "widget"), ("quality_summary", None)} | {
+        (a, f"widget|{m}") for a in ("anomaly_adapters", "synthetic_anomalies", "quality_metrics") for m in methods}
+    assert wanted <= _partitions(request)
+    assert not any(p and p.startswith("known") for _, p in _partitions(request))
 
-    third = _tick(defs, instance, second.cursor)  # nothing new, generation not materialized yet
+    third = _tick(defs, instance, second.cursor)  # nothing changed: no second backfill
     assert not third.run_requests and not third.dynamic_partitions_requests
-    assert third.cursor == second.cursor
 
 
-def test_sensor_waits_for_the_previous_stage_and_picks_up_later_folders(setup):
+def test_sensor_methods_come_from_settings(tmp_path):
+    root = build_mvtec(tmp_path / "data", "widget", defects=DEFECTS)
+    (root / "widget" / READY_MARKER).write_text("")  # the copier says it is done: no waiting tick
+    defs = build_definitions(storage_root=str(tmp_path / "s"), dataset_roots=[str(root)], methods=["perlin"])
+    with dg.instance_for_test() as instance:
+        [request] = _tick(defs, instance, None).run_requests
+    assert {p for a, p in _partitions(request) if a == "synthetic_anomalies"} == {"widget|perlin"}
+
+
+def test_sensor_reingests_a_changed_folder_and_does_not_readd_a_deleted_partition(setup):
     root, defs, instance = setup
-    first = _tick(defs, instance, None)
-    again = _tick(defs, instance, first.cursor)
-    assert not again.run_requests and not again.dynamic_partitions_requests
+    (root / "widget" / READY_MARKER).write_text("")
+    cursor = _tick(defs, instance, None).cursor
+    assert instance.get_dynamic_partitions("category") == ["widget"]
+    (root / "widget" / READY_MARKER).unlink()
+    quiet = _tick(defs, instance, cursor)  # the marker is not part of the listing
+    assert not quiet.run_requests and "widget" not in quiet.skip_message
 
-    _report(instance, "raw_defect_sets", "widget")  # only half of the ingest stage: still waiting
-    assert not _tick(defs, instance, again.cursor).run_requests
-    _report(instance, "few_shot_splits", "widget")
-    gen = _tick(defs, instance, again.cursor)
-    assert len(gen.run_requests) == len(available_methods())
-    assert all(r.run_key.startswith(GENERATION_JOB) for r in gen.run_requests)
+    extra = root / "widget" / "train" / "good" / "099.png"  # the copy was not finished after all
+    shutil.copy(next((root / "widget" / "train" / "good").glob("*.png")), extra)
+    waiting = _tick(defs, instance, cursor)
+    assert not waiting.run_requests and "widget: changed folder" in waiting.skip_message
+    again = _tick(defs, instance, waiting.cursor)
+    [request] = again.run_requests
+    assert request.requires_backfill_daemon() and not again.dynamic_partitions_requests
+    assert request.tags[LISTING_TAG] == json.loads(again.cursor)["categories"]["widget"]["backfilled"]
 
-    build_mvtec(root, "gadget", defects=DEFECTS)
-    later = _tick(defs, instance, gen.cursor)
-    assert [list(r.partition_keys) for r in later.dynamic_partitions_requests] == [["gadget"]]
-    assert [(r.job_name, r.partition_key) for r in later.run_requests] == [(INGEST_JOB, "gadget")]
-    assert json.loads(later.cursor)["seen"] == ["gadget", "widget"]
+    instance.delete_dynamic_partition("category", "widget")
+    extra.unlink()
+    for _ in range(2):
+        gone = _tick(defs, instance, again.cursor)
+        again = gone
+    assert not gone.run_requests and not gone.dynamic_partitions_requests
+    assert "widget: its partition was deleted" in gone.skip_message
+
+
+def test_sensor_names_a_running_or_failed_backfill_in_its_skip_reason(setup):
+    from dagster._core.execution.backfill import BulkActionStatus
+
+    root, defs, instance = setup
+    (root / "widget" / READY_MARKER).write_text("")
+    cursor = _tick(defs, instance, None).cursor
+    graph = defs.get_repository_def().asset_graph
+    backfill_id = submit_backfill(instance, graph, "widget", ["perlin"], "test")
+    running = _tick(defs, instance, cursor)
+    assert f"widget: backfill {backfill_id} REQUESTED, 0/" in running.skip_message
+
+    backfill = instance.get_backfill(backfill_id)
+    failed = AssetGraphSubset.from_asset_partition_set(
+        {AssetKeyPartitionKey(dg.AssetKey("synthetic_anomalies"), "widget|perlin")}, graph)
+    data = backfill.asset_backfill_data._replace(failed_and_downstream_subset=failed)
+    instance.update_backfill(backfill.with_asset_backfill_data(data, dynamic_partitions_store=instance,
+                                                               asset_graph=graph)
+                             .with_status(BulkActionStatus.COMPLETED_FAILED))
+    stalled = _tick(defs, instance, cursor)
+    assert "COMPLETED_FAILED" in stalled.skip_message and "synthetic_anomalies[widget|perlin]" in stalled.skip_message
+    assert "Backfills page" in stalled.skip_message
 
 
 def test_sensor_skips_an_unreadable_root_with_the_reason(tmp_path):
