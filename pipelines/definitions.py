@@ -6,7 +6,8 @@ Choices:
 - Resources come from the environment (``ANOMALY_FORGE_HOME``, ``ANOMALY_FORGE_STORAGE``,
   ``ANOMALY_FORGE_DATASETS``, ``ANOMALY_FORGE_MODEL``, ...; see resources/) so that one code location serves a
   demo folder, a laptop and a cluster; ``build_definitions`` takes explicit values for the demo, the CLI and tests.
-- Loading the definitions imports no torch: ops stage modules are imported inside asset bodies.
+- Loading the definitions imports no torch: ops stage modules are imported inside asset bodies (code versions
+  are computed by parsing their source, ``pipelines.versions``).
 """
 import importlib
 from typing import Any, Sequence
@@ -14,8 +15,9 @@ from typing import Any, Sequence
 import dagster as dg
 
 from pipelines.jobs import GENERATION_JOB, build_jobs, lineage_stages
-from pipelines.schedules import build_regeneration_schedule
+from pipelines.schedules import build_regeneration_schedule, build_summary_automation_sensor, with_summary_automation
 from pipelines.sensors import build_new_category_sensor
+from pipelines.versions import with_code_versions
 from resources.backbone import DiffusionBackbone
 from resources.settings import ForgeSettings
 from resources.storage import ParquetIOManager, StorageResource, storage_root_from_env
@@ -52,16 +54,21 @@ def build_resources(storage_root: str | None = None, **settings: Any) -> dict[st
 def build_definitions(storage_root: str | None = None, **settings: Any) -> dg.Definitions:
     """The full code location; keyword arguments override ``ForgeSettings`` fields (e.g. dataset_roots=[...])."""
     assets, checks = collect_assets()
+    resources = build_resources(storage_root, **settings)
+    assets = with_code_versions(assets, resources["settings"], resources["backbone"].model)
+    assets, summaries = with_summary_automation(assets)
     stages = lineage_stages(assets)
     jobs = build_jobs(stages)
-    by_name = {j.name: j for j in jobs}
+    generation = [s for s in stages if s.job_name == GENERATION_JOB]
+    sensors = [build_new_category_sensor()] + ([build_summary_automation_sensor(summaries)] if summaries else [])
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
-        schedules=[build_regeneration_schedule(by_name[GENERATION_JOB])] if GENERATION_JOB in by_name else [],
-        sensors=[build_new_category_sensor()],
-        resources=build_resources(storage_root, **settings),
+        schedules=[build_regeneration_schedule(jobs[stages.index(generation[0])], generation[0].asset_keys)]
+        if generation else [],
+        sensors=sensors,
+        resources=resources,
     )
 
 

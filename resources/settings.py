@@ -12,7 +12,8 @@ Choices:
   ``ANOMALY_FORGE_N`` (default 64), ``ANOMALY_FORGE_SEED`` (default 0) and ``ANOMALY_FORGE_METHODS``
   (comma-separated; default: every registered method).
 - ``methods`` limits what the new-category sensor and the regeneration schedule materialize (the ``method``
-  partitions stay every registered method, so a launch from the UI can still pick any of them).
+  partitions stay every registered method, so a launch from the UI can still pick any of them); ``regen_seed``
+  chooses what a regeneration round does (``pipelines.schedules``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import dagster as dg
 
 SPLIT_PROTOCOLS = ("anomalydiffusion", "k_shot")
 TARGET_MODES = ("affine", "box")
+REGEN_SEEDS = ("fixed", "per_round")  # see pipelines/schedules.py
 
 
 def forge_home() -> Path:
@@ -52,6 +54,7 @@ class ForgeSettings(dg.ConfigurableResource):
     quality_options: dict[str, Any] = {}
     detection_options: dict[str, Any] = {}
     methods: list[str] = []  # what the sensor and the schedule generate with; empty = every registered method
+    regen_seed: str = "fixed"  # regeneration schedule: "fixed" (only stale partitions) or "per_round" (fresh seeds)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ForgeSettings":
@@ -85,6 +88,8 @@ class ForgeSettings(dg.ConfigurableResource):
             if unknown:
                 raise ValueError(f"ForgeSettings.methods has unknown methods {unknown}; use some of "
                                  f"{available_methods()} (anomaly-forge list-methods), or [] for all")
+        if self.regen_seed not in REGEN_SEEDS:
+            raise ValueError(f"ForgeSettings.regen_seed={self.regen_seed!r}; use one of {REGEN_SEEDS}")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError(f"ForgeSettings.max_reject_fraction={self.max_reject_fraction}; use a value in [0, 1]")
         return self

@@ -6,7 +6,7 @@ import shutil
 import dagster as dg
 import pytest
 
-from assets.partitions import category_method_partitions, method_partitions
+from assets.partitions import category_method_partitions
 from ops.methods.registry import available_methods
 from pipelines.definitions import build_definitions
 from pipelines.jobs import GENERATION_JOB, INGEST_JOB, build_jobs, lineage_stages
@@ -15,7 +15,9 @@ from dagster._core.definitions.events import AssetKeyPartitionKey
 
 from pipelines.backfill import CATEGORY_TAG, LISTING_TAG, submit_backfill
 from pipelines.sensors import READY_MARKER
-from pipelines.schedules import CRON_ENV, DEFAULT_CRON, build_regeneration_schedule
+from pipelines.schedules import CRON_ENV, DEFAULT_CRON, build_regeneration_schedule, round_seed
+from assets.generation import SEED_TAG
+from resources.settings import ForgeSettings
 from tests.fixtures.layouts import build_mvtec
 
 DEFECTS = {"scratch": 3, "hole": 3}
@@ -145,22 +147,27 @@ def test_sensor_skips_an_unreadable_root_with_the_reason(tmp_path):
     assert not result.run_requests and "nowhere" in result.skip_message
 
 
-def test_schedule_requests_every_method_for_ingested_categories(setup):
+WHEN = dt.datetime(2026, 1, 4, 3, 0, tzinfo=dt.timezone.utc)
+
+
+def _schedule_tick(defs, instance, schedule=None, when=WHEN):
+    repo = defs.get_repository_def()
+    schedule = schedule or repo.get_schedule_def("regeneration_schedule")
+    resources = {k: v for k, v in repo.get_top_level_resources().items() if k in schedule.required_resource_keys}
+    with dg.build_schedule_context(instance_ref=instance.get_ref(), scheduled_execution_time=when,
+                                   repository_def=repo, resources=resources) as ctx:
+        return schedule.evaluate_tick(ctx)
+
+
+def test_schedule_requests_every_missing_partition_of_ingested_categories(setup):
     _, defs, instance = setup
     instance.add_dynamic_partitions("category", ["widget", "pending"])
-    repo = defs.get_repository_def()
-    schedule = repo.get_schedule_def("regeneration_schedule")
-    when = dt.datetime(2026, 1, 4, 3, 0, tzinfo=dt.timezone.utc)
 
-    def tick():
-        return schedule.evaluate_tick(dg.build_schedule_context(
-            instance_ref=instance.get_ref(), scheduled_execution_time=when, repository_def=repo))
-
-    skip = tick()
+    skip = _schedule_tick(defs, instance)
     assert not skip.run_requests and "few_shot_splits" in skip.skip_message
 
     _report(instance, "few_shot_splits", "widget")
-    data = tick()
+    data = _schedule_tick(defs, instance)
     keys = {str(r.partition_key) for r in data.run_requests}
     assert keys == {f"widget|{m}" for m in available_methods()}
     with dg.partition_loading_context(dynamic_partitions_store=instance):
@@ -168,6 +175,75 @@ def test_schedule_requests_every_method_for_ingested_categories(setup):
     assert keys <= valid
     assert len({r.run_key for r in data.run_requests}) == len(keys)
     assert all(r.tags["dagster/partition"] in keys for r in data.run_requests)  # resolved against the job
+    assert all(r.job_name in (None, GENERATION_JOB) for r in data.run_requests)
+
+
+CHEAP_STAGE = [dg.AssetKey("anomaly_adapters"), dg.AssetKey("synthetic_anomalies")]
+
+
+def _cheap_schedule(defs):
+    """The regeneration schedule over the two cheap assets of the generation stage (the rest trains detectors)."""
+    job = next(j for j in build_jobs(lineage_stages(list(defs.assets))) if j.name == GENERATION_JOB)
+    return build_regeneration_schedule(job, CHEAP_STAGE)
+
+
+def _materialize(defs, instance, key, assets=None):
+    job = INGEST_JOB if assets is None else GENERATION_JOB
+    result = defs.resolve_job_def(job).execute_in_process(partition_key=key, instance=instance,
+                                                          asset_selection=assets)
+    assert result.success
+
+
+def test_schedule_regenerates_only_what_code_settings_or_data_made_stale(tmp_path):
+    root = build_mvtec(tmp_path / "data", "widget", defects=DEFECTS)
+
+    def make(**overrides):
+        settings = {"n_per_partition": 2, "methods": ["cutpaste", "perlin"], **overrides}
+        return build_definitions(storage_root=str(tmp_path / "storage"), dataset_roots=[str(root)], **settings)
+
+    defs = make()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("category", ["widget"])
+        _materialize(defs, instance, "widget")
+        _materialize(defs, instance, "widget|perlin", CHEAP_STAGE)
+        first = _schedule_tick(defs, instance, _cheap_schedule(defs))
+        assert [str(r.partition_key) for r in first.run_requests] == ["widget|cutpaste"]  # perlin is fresh
+
+        _materialize(defs, instance, "widget|cutpaste", CHEAP_STAGE)
+        fresh = _schedule_tick(defs, instance, _cheap_schedule(defs))
+        assert not fresh.run_requests and "nothing stale" in fresh.skip_message
+
+        _materialize(defs, instance, "widget")  # re-ingest of unchanged files: same data version
+        assert not _schedule_tick(defs, instance, _cheap_schedule(defs)).run_requests
+
+        changed = make(n_per_partition=3)  # a setting synthesis reads: its code version changes
+        stale = _schedule_tick(changed, instance, _cheap_schedule(changed))
+        assert {str(r.partition_key) for r in stale.run_requests} == {"widget|cutpaste", "widget|perlin"}
+        other = make(detection_options={"image_size": 64})  # a setting only the detectors read
+        assert not _schedule_tick(other, instance, _cheap_schedule(other)).run_requests
+
+        image = next((root / "widget" / "train" / "good").glob("*.png"))
+        shutil.copy(next((root / "widget" / "test" / "scratch").glob("*.png")), image)  # new content
+        _materialize(defs, instance, "widget")
+        data = _schedule_tick(defs, instance, _cheap_schedule(defs))
+        assert {str(r.partition_key) for r in data.run_requests} == {"widget|cutpaste", "widget|perlin"}
+
+        rounds = make(regen_seed="per_round")
+        seeded = _schedule_tick(rounds, instance, _cheap_schedule(rounds))
+        assert {r.tags[SEED_TAG] for r in seeded.run_requests} == {str(round_seed(0, WHEN))} == {"20260104"}
+    with pytest.raises(ValueError, match="regen_seed"):
+        ForgeSettings(dataset_roots=["x"], regen_seed="sometimes").check()
+
+
+def test_summaries_wait_for_the_round_by_automation_condition(tmp_path):
+    defs = build_definitions(storage_root=str(tmp_path), dataset_roots=[str(tmp_path)])
+    repo = defs.get_repository_def()
+    summary = repo.asset_graph.get(dg.AssetKey("quality_summary"))
+    assert summary.automation_condition is not None and summary.automation_condition.label == "after the round"
+    sensor = repo.get_sensor_def("summary_automation_sensor")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert dg.AssetKey("quality_summary") in sensor.asset_selection.resolve(repo.asset_graph)
+    assert dg.AssetKey("synthetic_anomalies") not in sensor.asset_selection.resolve(repo.asset_graph)
 
 
 def test_schedule_cron_comes_from_the_environment(monkeypatch, tmp_path):
@@ -176,8 +252,7 @@ def test_schedule_cron_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(CRON_ENV, raising=False)
     assert build_regeneration_schedule(generation).cron_schedule == DEFAULT_CRON
     monkeypatch.setenv(CRON_ENV, "15 2 * * 1")
-    assert build_regeneration_schedule(generation, methods=method_partitions.get_partition_keys()).cron_schedule == \
-        "15 2 * * 1"
+    assert build_regeneration_schedule(generation).cron_schedule == "15 2 * * 1"
     monkeypatch.setenv(CRON_ENV, "weekly")
     with pytest.raises(ValueError, match=CRON_ENV):
         build_regeneration_schedule(generation)
