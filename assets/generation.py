@@ -22,13 +22,12 @@ import dagster as dg
 import pandas as pd
 
 from assets.metadata import image_metadata
-from assets.partitions import CATEGORY, GPU_POOL, GPU_TAGS, category_method_partitions, split_key
+from assets.partitions import CATEGORY, GPU_POOL, GPU_TAGS, SEED_TAG, category_method_partitions, split_key
 from resources.backbone import DiffusionBackbone
 from resources.settings import ForgeSettings
 from resources.storage import StorageResource
 
 PROGRESS_EVERY_S = 10.0
-SEED_TAG = "anomaly_forge/seed"  # set by the regeneration schedule with ForgeSettings.regen_seed="per_round"
 PREVIEW_N = 16
 SPLITS_BY_CATEGORY = dg.AssetIn(
     "few_shot_splits", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CATEGORY))

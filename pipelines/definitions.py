@@ -6,10 +6,14 @@ Choices:
 - Resources come from the environment (``ANOMALY_FORGE_HOME``, ``ANOMALY_FORGE_STORAGE``,
   ``ANOMALY_FORGE_DATASETS``, ``ANOMALY_FORGE_MODEL``, ...; see resources/) so that one code location serves a
   demo folder, a laptop and a cluster; ``build_definitions`` takes explicit values for the demo, the CLI and tests.
+- Dagster's beta/preview warnings about the partition mapping and partitioned checks this project relies on (on
+  a pinned Dagster) are silenced while the asset modules are imported here, as the CLI does: ``dagster dev``
+  loads this module at every reload and would print them each time. Warnings raised elsewhere still show.
 - Loading the definitions imports no torch: ops stage modules are imported inside asset bodies (code versions
   are computed by parsing their source, ``pipelines.versions``).
 """
 import importlib
+import warnings
 from typing import Any, Sequence
 
 import dagster as dg
@@ -31,7 +35,10 @@ def collect_assets(modules: Sequence[str] = ASSET_MODULES) -> tuple[list[Any], l
     checks: list[Any] = []
     for name in modules:
         try:
-            module = importlib.import_module(name)
+            with warnings.catch_warnings():  # as the CLI does: see the module docstring
+                warnings.simplefilter("ignore", dg.BetaWarning)
+                warnings.simplefilter("ignore", dg.PreviewWarning)
+                module = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name == name:
                 continue

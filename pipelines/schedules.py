@@ -31,8 +31,7 @@ from typing import Any, Sequence
 import dagster as dg
 from dagster._core.loader import LoadingContext
 
-from assets.generation import SEED_TAG
-from assets.partitions import CATEGORY, METHOD
+from assets.partitions import CATEGORY, METHOD, SEED_TAG
 from resources.settings import ForgeSettings
 
 CRON_ENV = "ANOMALY_FORGE_REGEN_CRON"

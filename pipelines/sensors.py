@@ -32,7 +32,6 @@ from typing import Any
 
 import dagster as dg
 
-from assets.ingest import find_categories
 from assets.partitions import CATEGORY, category_partitions
 from pipelines.backfill import backfill_request, backfill_summary, category_backfills
 from resources.settings import ForgeSettings
@@ -79,6 +78,8 @@ def _backfill_status(instance: dg.DagsterInstance, category: str) -> str | None:
 
 
 def evaluate(context: dg.SensorEvaluationContext, settings: ForgeSettings) -> dg.SensorResult:
+    from assets.ingest import find_categories  # here: importing asset modules is pipelines.definitions' job
+
     state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
     known: dict[str, dict[str, Any]] = state.get("categories", {})
     problems: list[str] = []

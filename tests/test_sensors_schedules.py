@@ -6,7 +6,7 @@ import shutil
 import dagster as dg
 import pytest
 
-from assets.partitions import category_method_partitions
+from assets.partitions import SEED_TAG, category_method_partitions
 from ops.methods.registry import available_methods
 from pipelines.definitions import build_definitions
 from pipelines.jobs import GENERATION_JOB, INGEST_JOB, build_jobs, lineage_stages
@@ -16,7 +16,6 @@ from dagster._core.definitions.events import AssetKeyPartitionKey
 from pipelines.backfill import CATEGORY_TAG, LISTING_TAG, submit_backfill
 from pipelines.sensors import READY_MARKER
 from pipelines.schedules import CRON_ENV, DEFAULT_CRON, build_regeneration_schedule, round_seed
-from assets.generation import SEED_TAG
 from resources.settings import ForgeSettings
 from tests.fixtures.layouts import build_mvtec
 
