@@ -1,7 +1,8 @@
 """The ``anomaly-forge`` console script.
 
-Commands: ``demo`` (whole lineage on the embedded data), ``add-category`` (new partition + its lineage on the
-instance in ``$DAGSTER_HOME``), ``materialize`` (the lineage for existing partitions), ``list-methods``.
+Commands: ``demo`` (whole lineage on the embedded data), ``add-category`` (new partition + one asset backfill of
+its lineage on the instance in ``$DAGSTER_HOME``, executed by the daemon; ``--in-process`` runs it here instead),
+``materialize`` (the lineage for existing partitions), ``list-methods``.
 
 Choices:
 - ``add-category`` and ``materialize`` need ``DAGSTER_HOME`` (runs must land in the instance the UI reads); they
@@ -117,7 +118,26 @@ def cmd_add_category(args: argparse.Namespace) -> int:
         print(f"note: add {Path(args.root).resolve()} to ANOMALY_FORGE_DATASETS so later ingest runs find it")
     if args.no_run:
         return 0
-    return _run([args.name], _csv(args.methods), extra_roots=[args.root])
+    if args.in_process:
+        return _run([args.name], _csv(args.methods), extra_roots=[args.root])
+    return _submit_backfill(args.name, _csv(args.methods), args.root)
+
+
+def _submit_backfill(category: str, methods: Sequence[str] | None, root: str) -> int:
+    """One asset backfill of the category's lineage, stored in the instance for the daemon to execute."""
+    from pipelines.backfill import submit_backfill
+    from pipelines.definitions import build_definitions
+    from resources.settings import ForgeSettings
+
+    settings = ForgeSettings.from_env()
+    methods = list(methods or settings.active_methods())
+    defs = build_definitions(dataset_roots=list(dict.fromkeys([*settings.dataset_roots, str(Path(root).resolve())])))
+    with _instance() as instance:
+        backfill_id = submit_backfill(instance, defs.get_repository_def().asset_graph, category, methods,
+                                      trigger="cli")
+    print(f"backfill {backfill_id}: the lineage of {category!r} for methods {', '.join(methods)}; the Dagster "
+          f"daemon executes it (`dagster dev` or `dagster-daemon run`) and the UI shows it under Backfills")
+    return 0
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
@@ -146,11 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
                                          "'{\"detection_options\": {\"detectors\": [\"segmenter\"]}}'")
     demo.set_defaults(func=cmd_demo)
 
-    add = sub.add_parser("add-category", help="add a category partition and materialize its lineage")
+    add = sub.add_parser("add-category", help="add a category partition and backfill its lineage")
     add.add_argument("name")
     add.add_argument("--root", required=True, help="dataset root that contains the category folder")
-    add.add_argument("--methods", help="comma-separated methods (default: all registered)")
+    add.add_argument("--methods", help="comma-separated methods (default: ForgeSettings.methods / "
+                                       "ANOMALY_FORGE_METHODS, else all registered)")
     add.add_argument("--no-run", action="store_true", help="only add the partition")
+    add.add_argument("--in-process", action="store_true",
+                     help="run the lineage here, stage by stage, instead of submitting one backfill to the daemon")
     add.set_defaults(func=cmd_add_category)
 
     mat = sub.add_parser("materialize", help="materialize the lineage for existing category partitions")

@@ -51,8 +51,6 @@ def disclaimer(model: str) -> str:
 QUALITY_KEYS = ("fid", "fid_effl0", "kid_mean", "kid_effl0_mean", "ic_lpips_ad", "ic_effl0_ad", "bg_ssim",
                 "mask_iou_mean")
 DETECTION_KEYS = ("image_auroc", "pixel_auroc", "aupro")
-INSTANCE_YAML = "# written by `anomaly-forge demo`; see https://docs.dagster.io for instance settings\n" \
-                "telemetry:\n  enabled: false\n"
 
 
 @dataclass
@@ -71,7 +69,9 @@ def dagster_home(path: Path) -> Iterator[Path]:
     """Point ``DAGSTER_HOME`` at ``path`` (created, with a dagster.yaml) while the block runs."""
     path.mkdir(parents=True, exist_ok=True)
     if not (path / "dagster.yaml").exists():
-        (path / "dagster.yaml").write_text(INSTANCE_YAML)
+        from pipelines.instance_config import instance_yaml
+
+        (path / "dagster.yaml").write_text(instance_yaml())  # run queue and gpu pool sized for this machine
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(path)
     try:
