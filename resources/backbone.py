@@ -6,6 +6,8 @@ Choices:
   build a UNet. ``ops.diffusion.backbone.load_backbone`` keeps one backbone per process per
   (model, device, dtype, attention), so repeated ``get()`` calls and several assets in one run share it.
 - ``model`` defaults to ``$ANOMALY_FORGE_MODEL`` or ``tiny`` (the embedded, untrained, offline backbone).
+  ``sd15-shape`` (SD 1.5's architecture, random weights) is for speed/memory benchmarks only, never for quality
+  or detection figures.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from typing import Any
 import dagster as dg
 
 class DiffusionBackbone(dg.ConfigurableResource):
-    """``model``: "tiny", a local diffusers folder, or a hub id (resolved from the HF cache when offline)."""
+    """``model``: "tiny", a local diffusers folder, or a hub id (resolved from the HF cache when offline);
+    "sd15-shape" benchmarks speed/memory only (random weights: never for quality figures)."""
 
     model: str = "tiny"
     device: str = "auto"
