@@ -49,6 +49,7 @@ class Backbone:
     resolution: int
     latent_scale: float
     attention: str = "sdpa"
+    fast: Any = None  # ops.diffusion.fastpath.FastPath once apply_fast_path ran (None: every switch off)
     _null_embedding: torch.Tensor | None = field(default=None, repr=False)
 
     @property
