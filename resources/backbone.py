@@ -7,6 +7,8 @@ Choices:
   (model, device, dtype, attention), so repeated ``get()`` calls and several assets in one run share it.
 - ``model`` defaults to ``$ANOMALY_FORGE_MODEL`` or ``forge-base`` (the project's own small trained model, shipped
   with the package; ``tiny`` is the untrained test backbone).
+  ``sd15-shape`` (SD 1.5's architecture, random weights) is for speed/memory benchmarks only, never for quality
+  or detection figures.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from typing import Any
 import dagster as dg
 
 class DiffusionBackbone(dg.ConfigurableResource):
-    """``model``: "forge-base", "tiny", a local diffusers folder, or a hub id (from the HF cache when offline)."""
+    """``model``: "forge-base", "tiny", a local diffusers folder, or a hub id (from the HF cache when offline);
+    "sd15-shape" benchmarks speed/memory only (random weights: never for quality figures)."""
 
     model: str = "forge-base"
     device: str = "auto"

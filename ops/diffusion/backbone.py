@@ -1,4 +1,8 @@
-"""Loading the diffusion backbone (DESIGN §3): ``forge-base``, ``tiny``, a local diffusers folder, or a hub id.
+"""Loading the diffusion backbone (DESIGN §3): ``forge-base``, ``tiny``, ``sd15-shape``, a local diffusers folder,
+or a hub id.
+
+``sd15-shape`` (ops/diffusion/sd15_shape.py) is SD 1.5's architecture with seeded RANDOM weights, for speed and
+memory benchmarks at true scale only: never use it for quality or detection figures (loading it logs a warning).
 
 ``load_backbone`` returns a :class:`Backbone` holding the Stable-Diffusion components. Choices:
 - One backbone per process per (model, device, dtype, attention): a module-level cache, because methods, the
@@ -21,6 +25,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -48,6 +53,7 @@ class Backbone:
     resolution: int
     latent_scale: float
     attention: str = "sdpa"
+    fast: Any = None  # ops.diffusion.fastpath.FastPath once apply_fast_path ran (None: every switch off)
     _null_embedding: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -174,6 +180,11 @@ def build_backbone(model: str = TINY, device: str | torch.device = "auto", dtype
         from ops.forge_base import model_dir
 
         parts = _load_components(str(model_dir()))
+    elif model == "sd15-shape":  # benchmarks only: random weights, see ops/diffusion/sd15_shape.py
+        from ops.diffusion.sd15_shape import NOT_FOR_QUALITY, build_sd15_shape_components
+
+        logging.getLogger(__name__).warning(NOT_FOR_QUALITY)
+        parts = build_sd15_shape_components(dev)
     else:
         parts = _load_components(model)
     for name in ("unet", "vae", "text_encoder"):
