@@ -14,14 +14,16 @@ Choices where the paper is vague (more in the two modules):
 - Boxes: ``target_mode = "box"`` whatever the pipeline's ``target_mode`` setting (AnoGen is defined on boxes);
   at least ``min_inside`` = 75 % of the box on the product foreground (textures: the whole image). Box height
   and width are independent fractions of the image side drawn from ``box_size``; per-category overrides in
-  ``box_sizes``. The paper gives the box size for one example only (hazelnut "hole"); the default (0.1, 0.25)
-  is our reading of that example's scale (a hole-sized box, a tenth to a quarter of the image side), not a
-  published number.
+  ``box_sizes``. Default (0.1, 0.15): the hazelnut "hole" range of the authors' released box table
+  (github.com/gaobb/AnoGen, utils_scripts/mvtec_range.json: height and width in [0.1, 0.15] of the side). That
+  table is per defect type and allows rotated boxes for some types; here boxes are axis-aligned, per category.
+- Prompt: the learned token alone (``"{token}"``), as the authors' sampling script (prompt "*"); a template with
+  ``{category}`` / ``{defect_type}`` words can be set instead.
 - Masks: the row's mask is the box, the weak label the paper trains with. The refined-masks stage also records
   the difference-refined mask of every row (and its ``final`` rule for ``anogen`` is the box, ``target``); set
   the refine option ``final={"anogen": "diff"}`` to train detectors on the refined masks instead.
-- Presets: ``paper`` = 6000 Adam steps at lr 0.005 (the paper's), batch 1, 50 DDIM steps, guidance 7.5
-  (SD's common default; the paper gives none). ``demo`` (the default) = 12 steps at lr 0.02 (a larger lr so the
+- Presets: ``paper`` = 6000 Adam steps at lr 0.005 (the paper's), batch 1, 50 DDIM steps (eta 0) and
+  classifier-free guidance 10 (the authors' sampling script: ``--scale 10.0 --ddim_steps 50 --ddim_eta 0``). ``demo`` (the default) = 12 steps at lr 0.02 (a larger lr so the
   few CPU steps move the row visibly), 10 DDIM steps and guidance 1 (CFG off: it doubles the UNet work, and the
   demo must run every method on 3 categories in minutes on 2 CPU cores). Explicit options override the preset.
 - Adapter folder: ``<adapter>/<defect_type>/`` per type (files in ``embedding``); folders of types no longer
@@ -45,14 +47,14 @@ from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
-    "paper": dict(train_steps=6000, lr=5e-3, batch_size=1, ckpt_every=500, steps=50, guidance=7.5),
+    "paper": dict(train_steps=6000, lr=5e-3, batch_size=1, ckpt_every=500, steps=50, guidance=10.0),
 }
 
 
 @dataclass
 class AnoGenConfig(MethodConfig):
     preset: str = "demo"
-    prompt: str = "a photo of a {category} with a {token}"  # {token} = the learned placeholder
+    prompt: str = "{token}"  # {token} = the learned placeholder; {category}, {defect_type} may be added
     init_word: str = "defect"
     # stage 1: embedding
     train_steps: int = 12
@@ -65,7 +67,7 @@ class AnoGenConfig(MethodConfig):
     steps: int = 10
     guidance: float = 1.0
     batch: int = 8  # jobs per UNet call
-    box_size: tuple[float, float] = (0.1, 0.25)
+    box_size: tuple[float, float] = (0.1, 0.15)
     box_sizes: dict[str, list[float]] = field(default_factory=dict)  # category -> (lo, hi)
     min_inside: float = 0.75
 

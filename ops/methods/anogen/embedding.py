@@ -17,8 +17,9 @@ Choices where the paper is vague:
 - Each step draws ``batch_size`` support anomalies of the type with replacement, t ~ U{0..T−1}, ε ~ N(0, I), all
   from the training loop's seeded generator (resumable to bit-identical embeddings on CPU). No augmentation.
 - Init: the placeholder's row starts as the embedding of ``init_word`` ("defect", one CLIP token). The prompt
-  template (``{token}`` = the placeholder) defaults to "a photo of a {category} with a {token}", which reads
-  "... with a defect" at step 0; training and sampling use the same prompt, which is saved next to the token.
+  template (``{token}`` = the placeholder) defaults to the token alone (the authors' code trains and samples
+  with the prompt "*"), so at step 0 it reads "defect"; training and sampling use the same prompt, which is
+  saved next to the token.
 - AdamW (weight decay 1e-2, diffusers' textual-inversion default), constant lr, no gradient clipping (as the
   LDM / diffusers textual-inversion scripts).
 - Files per defect type under ``<adapter>/<defect_type>/``: ``learned_embeds-0.safetensors`` (diffusers'
@@ -53,7 +54,7 @@ EMBEDS_FILE = "learned_embeds-0.safetensors"  # what TextualInversion.save write
 
 @dataclass(frozen=True)
 class FitSettings:
-    prompt: str = "a photo of a {category} with a {token}"
+    prompt: str = "{token}"
     init_word: str = "defect"
     steps: int = 6000
     lr: float = 5e-3

@@ -14,9 +14,9 @@ Choices where the paper is vague:
   its second ε_n. The start is blended too (inside the box: z'_T, outside: z_T^n).
 - Box on the latent grid: the toolkit's "any" rule (a cell touched by the box is generated), so no box pixel is
   frozen to the background; the image is stretched to the model's square resolution like every method here.
-- Classifier-free guidance: the paper samples a text-conditioned LDM with the learned token; we use CFG with the
-  empty prompt as the unconditional branch (the usual way textual-inversion embeddings are sampled; LDM's
-  text-to-image sampler does the same), ``guidance`` = 1 turns it off. Both branches run as one batched UNet call.
+- Classifier-free guidance with the empty prompt as the unconditional branch, as LDM's text-to-image sampler
+  that the authors' script runs (scale 10 there); ``guidance`` = 1 turns it off. Both branches are one
+  batched UNet call.
 - Output image: the decoded latent, resized to the normal image's size, pasted onto the ORIGINAL normal pixels
   inside the box only: outside the box the output is the normal image to the bit (the VAE's reconstruction
   error stays out of the background, and the box stays an honest weak label).
