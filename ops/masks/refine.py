@@ -49,8 +49,9 @@ FINAL_CHOICES = KINDS + ("method", "target")
 REFINED_ASSET = "refined_masks"
 # o2mag decodes the whole image (its background drifts slightly), so a difference mask would spread over it; its own
 # mask is M_T, already narrowed by the captured cross-attention when its refine_mask option is on.
+# anogen: its box is the weak label the paper trains with (the weak segmenter loss handles its normal pixels).
 DEFAULT_FINAL = {"apo": "localization", "bgdisentangle": "attention", "cutpaste": "method", "perlin": "method",
-                 "o2mag": "method"}
+                 "o2mag": "method", "anogen": "target"}
 
 REFINED_SCHEMA = pa.schema([
     ("category", pa.string()), ("method", pa.string()), ("defect_type", pa.string()), ("index", pa.int64()),
