@@ -171,7 +171,8 @@ def adapted(backbone: Any, info: dict[str, Any], dt_dir: Path) -> Iterator[Any]:
 
         from ops.diffusion.backbone import set_attention_backend
 
-        unet = UNet2DConditionModel.from_pretrained(str(dt_dir / UNET_DIR), torch_dtype=backbone.dtype).to(backbone.device)
+        unet = UNet2DConditionModel.from_pretrained(str(dt_dir / UNET_DIR), torch_dtype=backbone.dtype)
+        unet = unet.to(backbone.device)
         unet.requires_grad_(False).eval()
         set_attention_backend(unet, backbone.attention)
         yield replace(backbone, unet=unet)
