@@ -115,8 +115,8 @@ def bench_generation(bb, cond, timer, n: int, steps: int, target_batch: int, unc
             zT_m = invert_masked(bb, z0, m, cond, steps)
             plain.append(denoise(bb, cond, m, start_latents(zT_m, m, [s]), steps).z0)
         plain = torch.cat(plain)
-    u = dict(cpu_seconds_per_image=timer.cpu / k, seconds_per_image=timer.wall / k, unet_calls_per_image=timer.calls / k,
-             measured_on=k)
+    u = dict(cpu_seconds_per_image=timer.cpu / k, seconds_per_image=timer.wall / k,
+             unet_calls_per_image=timer.calls / k, measured_on=k)
     return dict(targets=n, cached=c, uncached=u, speedup_cpu=u["cpu_seconds_per_image"] / c["cpu_seconds_per_image"],
                 max_abs_diff=float((cached[:k] - plain).abs().max()))
 

@@ -147,7 +147,8 @@ class BgDisentangle(Method):
         for dt in sorted(by_type):
             dt_dir = Path(adapter.path) / check_name(dt, "defect type")
             info = read_info(dt_dir)
-            if info.get("model_id") != backbone.model_id or info.get("T") != backbone.scheduler.config.num_train_timesteps:
+            T = backbone.scheduler.config.num_train_timesteps
+            if info.get("model_id") != backbone.model_id or info.get("T") != T:
                 raise ValueError(f"{dt_dir / 'adapter.json'}: adapter trained on backbone {info.get('model_id')!r} "
                                  f"(T={info.get('T')}) but synthesis runs on {backbone.model_id!r}; rerun "
                                  f"anomaly_adapters with this backbone")
@@ -209,6 +210,7 @@ def _groups(jobs: Sequence[SynthesisJob], latent_size: int) -> list[list[Synthes
     """Jobs grouped by (normal image, latent-grid target mask), in first-seen order."""
     groups: dict[tuple[str, str], list[SynthesisJob]] = {}
     for job in jobs:
-        key = (image_key(job.normal.image), image_key(target_latent_mask(job.target_mask, (latent_size, latent_size)).numpy()))
+        m = target_latent_mask(job.target_mask, (latent_size, latent_size))
+        key = (image_key(job.normal.image), image_key(m.numpy()))
         groups.setdefault(key, []).append(job)
     return list(groups.values())

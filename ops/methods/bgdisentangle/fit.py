@@ -78,7 +78,8 @@ def check_plain_unet(unet: Any) -> None:
     if names:
         raise RuntimeError(f"the backbone's UNet already carries LoRA adapter(s) {names}; bgdisentangle trains and "
                            f"samples its own adapter on the plain model. Remove them first "
-                           f"(ops.diffusion.lora.remove_lora) or use a private backbone (load_backbone(..., cache=False))")
+                           f"(ops.diffusion.lora.remove_lora) or use a private backbone "
+                           f"(load_backbone(..., cache=False))")
 
 
 def support_tensors(backbone: Any, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
