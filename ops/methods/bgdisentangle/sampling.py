@@ -19,7 +19,9 @@ different masks on the same normal image still share the encode.
 
 Why the cache key holds the mask: eq. 8 inverts (1 − m) ⊙ z_0 with the masked noise update, so the inverted
 trajectory depends on m; it is reused exactly across targets that share the normal image AND its latent-grid
-mask (the paper's protocol of many defects per target mask, Figure 3), never approximated across masks.
+mask (the paper's protocol of many defects per target mask, Figure 3), never approximated across masks. The
+pipeline's affine target sampler draws a new mask per job, so there most groups hold one job and only the VAE
+encode of the normal image is shared; the full saving (bench/bench_bgdisentangle.py) needs repeated masks.
 
 Eq. 13: the defect branch's cross-attention probabilities of the defect word tokens (summed; each query's softmax
 is over the C_def group, eq. 10) are captured at every sampling step and every cross-attention layer, each layer's
