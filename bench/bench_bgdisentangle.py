@@ -24,8 +24,9 @@ fp32), 1 thread, 10 DDIM steps, rank-4 LoRA, ``--uncached-max 2``:
   2x the batch, plus the explicit masked-softmax cross-attention);
 - generation: n=1 cached 2.38 / uncached 2.34 CPU s per image (30 UNet calls each: nothing to share);
   n=8 cached 0.76 / uncached 2.22 CPU s per image, 2.92x, 30 calls in all vs 30 per image, max |Δz| 1.9e-5;
-  n=32 was not finished on that machine; its calls are exact: 20 + 4 x 10 (batches of 8) = 60 for 32 images
-  vs 960 uncached. Background-run cache: 0.19 MiB per (normal, mask) at 10 steps.
+  n=32 (second run, ``--uncached-max 1``) cached 0.60 / uncached 2.20 CPU s per image, 3.65x, 60 UNet calls
+  (20 + 4 batches of 8 x 10) for 32 images vs 30 per image; training ratio in that run 1.94.
+  Background-run cache: 0.19 MiB per (normal, mask) at 10 steps.
 """
 from __future__ import annotations
 
