@@ -14,6 +14,7 @@ _METHODS: dict[str, str] = {
     "apo": "ops.methods.apo:APO",
     "o2mag": "ops.methods.o2mag:O2MAG",
     "anogen": "ops.methods.anogen:AnoGen",
+    "bgdisentangle": "ops.methods.bgdisentangle:BgDisentangle",
 }
 
 BASELINES = ("cutpaste", "perlin")
