@@ -13,6 +13,7 @@ _METHODS: dict[str, str] = {
     "perlin": "ops.methods.perlin:Perlin",
     "apo": "ops.methods.apo:APO",
     "o2mag": "ops.methods.o2mag:O2MAG",
+    "cadiff": "ops.methods.cadiff:CADiff",
 }
 
 BASELINES = ("cutpaste", "perlin")
