@@ -76,6 +76,12 @@ def token_columns(tokenizer: Any, prompt: str, token_ids: Sequence[int]) -> list
     return cols
 
 
+def token_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(V, 1, R, R) anomaly masks -> (V, h, w, 2) float targets: [context ↔ inverse of the mask, anomaly ↔ mask]."""
+    m = latent_mask(masks[:, 0] > 0.5, size, rule="majority")[:, 0]
+    return torch.stack([~m, m], -1).float()
+
+
 @dataclass
 class Batch:
     images: torch.Tensor  # (V, 3, R, R) in [-1, 1]
@@ -175,9 +181,8 @@ class CTPLoss:
             a = self.controller.captured[("cross", "x", 0, layer, "ctp")]  # (V·K, h, w, 2)
             h, w = a.shape[1:3]
             a_mean = a.view(v, k, h, w, 2).mean(1)
-            m = latent_mask(batch.masks[:, 0] > 0.5, (h, w), rule="majority")[:, 0].to(a.device)
             maps.append(a_mean)
-            targets.append(torch.stack([~m, m], -1).float())
+            targets.append(token_targets(batch.masks, (h, w)).to(a.device))
             feats = self.hidden[layer].float()  # (V·K, h·w, C)
             weights = a.flatten(1, 2)  # (V·K, h·w, 2)
             vec = torch.einsum("npc,npd->ncd", weights, feats) / weights.sum(1)[..., None].clamp_min(1e-8)
