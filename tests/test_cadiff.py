@@ -365,3 +365,34 @@ def test_synthesize_records_w_and_keeps_the_background(private_bb, fitted):
     bad = [SynthesisJob(0, 1, "brick", "scratch", normal, _box(20, 40, 18, 44))]
     with pytest.raises(ValueError, match="scratch"):
         list(method.synthesize(private_bb, adapter, bad, method.config(FIT)))
+
+
+def test_ctp_loss_reads_the_attention_of_its_own_two_tokens(private_bb, support, fitted):
+    from ops.diffusion.attention import AttentionController, Capture
+    from ops.methods.cadiff.trainer import CTPLoss
+
+    _, adapter, _ = fitted
+    tokens = adapter.meta["tokens"]
+    prompts = tokens["prompts"]
+    loss = CTPLoss(private_bb, support, prompts, tuple(tokens["columns"]), {"crack": 1, "hole": 2}, batch_size=1,
+                   views=2, loc_timesteps=2, gamma=1e-3, beta=5e-4, temperature=0.5)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, private_bb.latent_size, private_bb.latent_size, generator=g)
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        cond = private_bb.encode_prompt([prompts["hole"], prompts["crack"]])
+        pred, maps = loss.forward(z, t, cond, torch.zeros(2, 1, 8, 8))
+        ref = AttentionController(private_bb.unet, [Capture(kind="cross", name="all")])
+        ref.begin_call([("x", 2)], tuple(z.shape[-2:]))
+        with ref:
+            plain = private_bb.unet(z, t, encoder_hidden_states=cond).sample
+    assert torch.allclose(pred, plain, atol=1e-5)
+    assert set(maps) == set(loss.cross) and len(maps) >= 3  # every cross-attention layer of the UNet
+    for layer, a in maps.items():
+        full = ref.captured[("cross", "x", 0, layer, "all")]
+        assert torch.allclose(a, full[..., tokens["columns"]], atol=1e-6), layer
+        assert loss.hidden[layer].shape[:2] == (2, a.shape[1] * a.shape[2])
+    value = loss(0, torch.Generator().manual_seed(1))  # frozen tokens here: a plain number, all terms finite
+    parts = loss.parts
+    assert parts["loc"] > 0 and parts["con"] > 0 and np.isfinite(parts["caldm"])
+    assert float(value) == pytest.approx(parts["caldm"] + 1e-3 * parts["loc"] + 5e-4 * parts["con"], rel=1e-5)

@@ -174,14 +174,12 @@ class CTPLoss:
         noise = torch.randn(z0.shape, generator=rng, device=rng.device, dtype=torch.float32).to(z0.device)
         noisy = bb.scheduler.add_noise(z0, noise, t)
         cond = self._cond(batch.types).repeat_interleave(k, 0)
-        pred = self._unet(noisy, t, cond, batch.masks.repeat_interleave(k, 0))
+        pred, attn = self.forward(noisy, t, cond, batch.masks.repeat_interleave(k, 0))
         l_caldm = F.mse_loss(pred.float(), noise.float())
         maps, targets, pooled = [], [], []
-        for layer in self.cross:
-            a = self.controller.captured[("cross", "x", 0, layer, "ctp")]  # (V·K, h, w, 2)
+        for layer, a in attn.items():  # a: (V·K, h, w, 2) = [context, anomaly] columns
             h, w = a.shape[1:3]
-            a_mean = a.view(v, k, h, w, 2).mean(1)
-            maps.append(a_mean)
+            maps.append(a.view(v, k, h, w, 2).mean(1))  # the K-timestep average per view
             targets.append(token_targets(batch.masks, (h, w)).to(a.device))
             feats = self.hidden[layer].float()  # (V·K, h·w, C)
             weights = a.flatten(1, 2)  # (V·K, h·w, 2)
@@ -194,7 +192,10 @@ class CTPLoss:
         self.parts = {"caldm": float(l_caldm.detach()), "loc": float(l_loc.detach()), "con": float(l_con.detach())}
         return l_caldm + self.gamma * l_loc + self.beta * l_con
 
-    def _unet(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The UNet's prediction (through the SSC in stage 2) and, per cross-attention layer, the probabilities of
+        the [context, anomaly] columns (N, h, w, 2) with their gradient; the layers' inputs go to ``hidden``."""
         bb = self.backbone
         unet = bb.unet
         handles = []
@@ -213,11 +214,13 @@ class CTPLoss:
             with c:
                 x, cc = noisy.to(bb.dtype), cond.to(bb.dtype)
                 if self.ssc is None:
-                    return unet(x, t, encoder_hidden_states=cc).sample
-                return self.ssc.unet_forward(unet, x, t, cc, masks.to(bb.device)).sample
+                    pred = unet(x, t, encoder_hidden_states=cc).sample
+                else:
+                    pred = self.ssc.unet_forward(unet, x, t, cc, masks.to(bb.device)).sample
         finally:
             for h in handles:
                 h.remove()
+        return pred, {layer: c.captured[("cross", "x", 0, layer, "ctp")] for layer in self.cross}
 
 
 @dataclass
