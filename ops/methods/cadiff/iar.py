@@ -136,7 +136,10 @@ def generate(backbone: Any, cond: torch.Tensor, uncond: torch.Tensor, token: int
     a = a / a.max().clamp_min(1e-12)
     up = F.interpolate(a[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
     refined = attention_mask(up, mask, s.refine_threshold)
-    own, kind = (refined, "target refined by attention") if refined.any() else (mask.copy(), "target (refinement empty)")
+    if refined.any():
+        own, kind = refined, "target refined by attention"
+    else:
+        own, kind = mask.copy(), "target (refinement empty)"
     params = {"w": s.w, "mask_l1": mask_l1(mask, s.attention_res), "alpha_thr": s.alpha_thr, "mfa": s.mfa,
               "dfs": s.dfs, "dfs_on_step": focus.on_since if s.dfs else 0,
               "alpha": [round(x, 4) for x in focus.history], "mask": kind}
