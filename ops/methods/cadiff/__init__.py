@@ -167,8 +167,9 @@ class CADiff(Method):
         if run_file.is_file() and json.loads(run_file.read_text()).get("config_hash") != digest:
             # checkpoints of another configuration or support set must not be resumed into this run
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for stale in (out / INFO, out / "tokens", out / "ssc"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        (out / INFO).unlink(missing_ok=True)  # outputs of an earlier, different run must not survive this one
+        for stale in (out / "tokens", out / "ssc"):
+            shutil.rmtree(stale, ignore_errors=True)
         write_bytes_atomic(run_file, json.dumps({"config_hash": digest}).encode())
         result = fit_category(backbone, support, cfg, out, progress)
         info = {"format": FORMAT_VERSION, "config_hash": digest, "category": category, "model_id": backbone.model_id,

@@ -127,7 +127,13 @@ def generate(backbone: Any, cond: torch.Tensor, uncond: torch.Tensor, token: int
     with controller:
         z = sample(view, traj[grid.num_steps], branches, guidance, num_steps=s.steps, runner=runner,
                    callbacks=[blend], progress="CADiff sampling")["x"]
-        attn = controller.maps("cross", TEXT, s.attention_res, name=focus.capture_name)[0, ..., 0]
+        try:
+            attn = controller.maps("cross", TEXT, s.attention_res, name=focus.capture_name)[0, ..., 0]
+        except KeyError:
+            grids = sorted({hw[0] for hw in controller.layer_hw.values()})
+            raise ValueError(f"CADiff attention_res={s.attention_res}: the UNet of {backbone.model_id!r} has no "
+                             f"cross-attention at that grid for {backbone.resolution} px images (grids seen: "
+                             f"{grids}); set attention_res to one of them") from None
     image = decode(backbone, z, size=size)[0]
     if s.background == "normal":
         region = F.interpolate(m_lat.float(), size=size, mode="nearest")[0, 0].cpu().numpy() > 0
