@@ -15,6 +15,7 @@ _METHODS: dict[str, str] = {
     "o2mag": "ops.methods.o2mag:O2MAG",
     "anogen": "ops.methods.anogen:AnoGen",
     "bgdisentangle": "ops.methods.bgdisentangle:BgDisentangle",
+    "cadiff": "ops.methods.cadiff:CADiff",
 }
 
 BASELINES = ("cutpaste", "perlin")
