@@ -113,6 +113,11 @@ class DetectionConfig(MethodConfig):
         bad = [d for d in self.detectors if d not in am.DETECTORS]
         if bad or not self.detectors:
             raise ValueError(f"detection options: detectors {bad or '[]'} not available; choose from {list(am.DETECTORS)}")
+        for name in ("steps", "options"):
+            unknown = sorted(set(getattr(self, name)) - set(am.DETECTORS))
+            if unknown:
+                raise ValueError(f"detection options: {name} names unknown detector(s) {unknown}; known detectors: "
+                                 f"{list(am.DETECTORS)}")
 
     def steps_for(self, detector: str) -> int:
         return int({**_DEFAULT_STEPS, **self.steps}[detector])
