@@ -23,7 +23,6 @@ training crops, 60 steps at lr 2e-3) and the PatchCore reference. Paper settings
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import re
@@ -44,6 +43,7 @@ from ops.detection import anomalib_models as am
 from ops.detection.backbones import OfflineBackbone, resolve_backbone
 from ops.detection.datamodule import SyntheticAnomalyDataModule, build_samples, check_no_test_leakage
 from ops.detection.evaluate import METRIC_COLUMNS, compute_metrics, predict_rows
+from ops.locks import exclusive
 from ops.manifest import dumps, empty_frame, to_table
 from ops.methods.base import MethodConfig, Progress, no_progress
 from ops.methods.registry import BASELINES
@@ -214,14 +214,8 @@ def _workspace(storage: Storage, rel: str) -> Iterator[Path]:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
-    workdir = Path(storage.path(rel))
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield workdir
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive(Path(storage.path(rel))) as workdir:
+        yield workdir
 
 
 def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConfig, weak_tau: float | None,
@@ -259,7 +253,7 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
     with _workspace(storage, rel) as workdir:
         done = _read_json(storage, f"{rel}/config.json")
         if done and done.get("fingerprint") == fingerprint and storage.path(done["checkpoint_path"]).exists():
-            return {**done["row"], "partition_method": partition_method, "reused": True}
+            return {**done["row"], "seconds": 0.0, "partition_method": partition_method, "reused": True}
         result, export = _fit(detector, category, samples, cfg, weak_tau, backbone, workdir,
                               f"{category}/{method}/{detector}", progress)
         paths = {"checkpoint_path": f"{rel}/checkpoints/best.ckpt", "export_path": f"{rel}/weights/torch/model.pt",
@@ -282,12 +276,13 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
                "selected_epoch": result.epoch, "selected_step": result.steps, "steps": config["steps"],
                "image_size": cfg.image_size, "backbone": config["backbone"], "backbone_source": source,
                **_counts(samples), **paths, "config_json": dumps(config), "fingerprint": fingerprint,
-               "seed": cfg.seed, "seconds": result.seconds}
-        # written last: its fingerprint marks the folder complete for the reuse test above
+               "seed": cfg.seed}
+        # written last: its fingerprint marks the folder complete for the reuse test above; no timing in it
+        # (reruns must give identical bytes: seconds live in the manifest's timing column only)
         storage.write_bytes(paths["config_path"], json.dumps({"fingerprint": fingerprint, "checkpoint_path":
                                                              paths["checkpoint_path"], "config": config, "row": row},
                                                             indent=2, sort_keys=True, default=str).encode())
-    return {**row, "partition_method": partition_method, "reused": False}
+    return {**row, "seconds": result.seconds, "partition_method": partition_method, "reused": False}
 
 
 def train_detectors(storage: Storage, category: str, method: str, split_df: pd.DataFrame,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ OUTSIDE_ROOT = "path outside dataset root"
 BAD_CSV_ROW = "bad csv row"
 
 MaskRule = Literal["binary", "labels"]
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 class Problem(Exception):
@@ -98,7 +100,10 @@ def _decode(data: bytes, path: Path, code: str) -> Image.Image:
             im.load()
         return im
     except Exception as e:  # noqa: BLE001 - see module docstring
-        raise Problem(code, f"{type(e).__name__}: {e}",
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x7f...>"): name the file instead, so the
+        # reason is readable and identical on every run
+        detail = _BUFFER_REPR.sub(path.name, str(e))
+        raise Problem(code, f"{type(e).__name__}: {detail}",
                       f"re-export or re-download {path.name} (it is truncated or not an image), or delete it")
 
 
