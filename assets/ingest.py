@@ -10,6 +10,7 @@ Choices:
   the support set, must not reach adapter training. The reject fraction counts rejected files over all files seen.
 - ops modules are imported inside the asset bodies so that loading the definitions (``dagster dev``) stays fast.
 """
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -51,6 +52,13 @@ def find_categories(dataset_roots: list[str], problems: list[str] | None = None)
 
 
 def _locate(settings: ForgeSettings, category: str) -> tuple[str, str]:
+    from ops.ingest import detect_layout, no_layout_message
+
+    for root in settings.dataset_roots:
+        # the folder may exist and match no layout: say what it holds rather than "not a folder"
+        cat_dir = Path(root) / category
+        if cat_dir.is_dir() and detect_layout(Path(root)) is None and detect_layout(cat_dir) is None:
+            raise ValueError(no_layout_message(cat_dir))
     found = find_categories(settings.dataset_roots)
     if category not in found:
         raise FileNotFoundError(f"category {category!r} is not a folder under any dataset root "

@@ -59,8 +59,22 @@ def _root(dataset_root: Any) -> Path:
     return root.resolve()
 
 
+def no_layout_message(cat_dir: Path) -> str:
+    """What a category folder that matches no layout holds, and which layouts were tried (one line)."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in cat_dir.iterdir() if not p.name.startswith("."))
+    shown = ", ".join(entries[:12]) + (f", ... ({len(entries)} entries)" if len(entries) > 12 else "")
+    return (f"{cat_dir} matches no dataset layout: it holds {shown or 'nothing'}; tried "
+            f"{', '.join(_FOLDER_LAYOUTS)} ({_HINT})")
+
+
 def _detect_folder(cat_dir: Path) -> str | None:
     return next((name for name, mod in _FOLDER_LAYOUTS.items() if mod.detect(cat_dir)), None)
+
+
+def detect_layout(folder: Any) -> str | None:
+    """"visa" for a VisA root, the layout of a category folder, or None."""
+    folder = Path(folder)
+    return "visa" if visa.detect(folder) else _detect_folder(folder)
 
 
 def discover_categories(dataset_root: Any) -> list[tuple[str, str]]:
@@ -114,7 +128,7 @@ def ingest_category(dataset_root: Any, category: str, layout: str = "auto",
                                 f"{sorted(p.name for p in root.iterdir() if p.is_dir())}")
     detected = _detect_folder(cat_dir)
     if detected is None:
-        raise ValueError(f"{cat_dir} matches no dataset layout; {_HINT}")
+        raise ValueError(no_layout_message(cat_dir))
     if layout not in ("auto", detected):
         raise ValueError(f"{cat_dir} does not look like the {layout!r} layout (it looks like {detected!r}); "
                          f"pass layout='auto' or fix the folder structure ({_HINT})")
