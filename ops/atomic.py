@@ -8,6 +8,9 @@ Permissions: ``mkstemp`` creates 0600 files and ``mkdtemp`` 0700 folders, and th
 so a Dagster UI, a worker running as another user or a shared (NFS) storage root could not read what was
 written. Files therefore get ``0666 & ~umask`` (0644 under the usual 022) and folders made with ``mkdtemp``
 ``0777 & ~umask``, exactly what ``open()`` / ``mkdir`` would have given.
+
+Failures (read-only root, no permission, full disk) raise the original OSError type and errno, naming the target
+file; the temp file is removed, so the old file (or none) stays.
 """
 from __future__ import annotations
 
@@ -64,8 +67,11 @@ def write_bytes_atomic(path: Any, data: bytes) -> None:
         p.write_bytes(data)
         return
     p = Path(str(path).removeprefix("file://"))
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:
+        raise _naming(e, p) from None
     try:
         os.fchmod(fd, default_mode())
         with os.fdopen(fd, "wb") as f:
@@ -73,12 +79,20 @@ def write_bytes_atomic(path: Any, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise _naming(e, p) from None
         raise
+
+
+def _naming(e: OSError, target: Path) -> OSError:
+    """The same error (errno kept, so callers can tell a full disk from a read-only root) naming the file the
+    caller asked for rather than the temp file; nothing partial is left behind by the caller above."""
+    return type(e)(e.errno, f"{e.strerror} (writing {target}; nothing was written there)", str(target))
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:

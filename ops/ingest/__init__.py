@@ -23,7 +23,9 @@ Errors: structural problems raise (missing root or category: FileNotFoundError; 
 category name, wrong explicit layout, multi-mask images without ``cache_dir``: ValueError), each message
 naming the path and the fix. Per-file problems (unreadable or truncated images, mask/image size mismatch,
 non-binary or empty masks, defect images without a mask, empty folders, stray files, orphan masks) become
-rows of ``rejects`` (``REJECT_SCHEMA``: category, path, reason, fix) and the file is left out of ``rows``.
+rows of ``rejects`` (``REJECT_SCHEMA``: category, path, reason, fix) and the file is left out of ``rows``;
+files kept after a normalisation (alpha dropped, grayscale converted, odd names, skipped hidden entries) get a
+row in ``notes`` (``NOTE_SCHEMA``; see ``ops.ingest.collect`` for the decision on each hostile input).
 
 Every image and mask is decoded completely (truncated files are caught here, not in a training loop);
 ``sha256`` is of the image file bytes; ``mask_area`` is the defect fraction of the (unioned) mask.
@@ -36,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from ops.ingest import folder, loco, mvtec, visa
-from ops.ingest.collect import REJECT_SCHEMA, RAW_SCHEMA, IngestResult, process
+from ops.ingest.collect import NOTE_SCHEMA, REJECT_SCHEMA, RAW_SCHEMA, IngestResult, process
 from ops.samples import load_sample
 from ops.storage import check_name
 
-__all__ = ["discover_categories", "ingest_category", "IngestResult", "RAW_SCHEMA", "REJECT_SCHEMA", "LAYOUTS",
+__all__ = ["discover_categories", "ingest_category", "IngestResult", "RAW_SCHEMA", "REJECT_SCHEMA", "NOTE_SCHEMA",
+           "LAYOUTS",
            "load_sample"]
 
 # Order matters: loco is a refinement of mvtec.
@@ -83,6 +86,7 @@ def discover_categories(dataset_root: Any) -> list[tuple[str, str]]:
     if visa.detect(root):
         return [(_safe(c, root / c), "visa") for c in visa.categories(root)]
     found, skipped = [], []
+    hidden = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("."))
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         layout = _detect_folder(d)
         if layout is None:
@@ -97,6 +101,9 @@ def discover_categories(dataset_root: Any) -> list[tuple[str, str]]:
         raise ValueError(f"no category folder with a known layout under {root}; {_HINT}")
     if skipped:
         warnings.warn(f"{root}: skipped folders that match no dataset layout: {skipped}; {_HINT}", stacklevel=2)
+    if hidden:
+        warnings.warn(f"{root}: skipped hidden folders {hidden} (names starting with '.' are never categories)",
+                      stacklevel=2)
     return found
 
 
