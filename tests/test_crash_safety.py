@@ -172,3 +172,37 @@ def test_two_runs_of_one_partition_never_fit_the_same_adapter_at_once(split, tmp
         t.join()
     assert not errors, errors
     assert (len(trained), len(reused)) == (1, 1)
+
+
+def test_quality_summary_written_last_holds_every_partition_present(tmp_path, monkeypatch):
+    """Two partitions finish together: the summary run whose input was loaded before the second partition's
+    manifest existed must not write a summary without it (it rebuilds from what exists at write time)."""
+    import dagster as dg
+
+    from assets.quality import quality_metrics, quality_summary
+    from ops.metrics.quality import ALL, SUMMARY_COLS
+    from resources.settings import ForgeSettings
+    from resources.storage import ParquetIOManager, StorageResource
+
+    storage = Storage(tmp_path / "s")
+
+    def manifest(method):
+        row = {c: 0.5 for c in SUMMARY_COLS} | {"category": "widget", "method": method, "defect_type": ALL,
+                                                 "n_generated": 4, "n_real": 4}
+        path = storage.manifest_path("quality_metrics", f"widget|{method}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([row]).to_parquet(path)
+
+    manifest("cutpaste")
+    manifest("perlin")
+    stale = pd.read_parquet(storage.manifest_path("quality_metrics", "widget|cutpaste"))
+    monkeypatch.setattr(ParquetIOManager, "load_input", lambda self, context: stale)  # loaded before perlin's
+    root = str(storage.root)
+    resources = {"storage": StorageResource(root=root), "io_manager": ParquetIOManager(root=root),
+                 "settings": ForgeSettings(dataset_roots=[root])}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("category", ["widget"])
+        assert dg.materialize([quality_metrics, quality_summary], selection=[quality_summary], instance=instance,
+                              resources=resources).success
+    summary = pd.read_parquet(storage.manifest_path("quality_summary", None))
+    assert set(summary.loc[summary["category"] == "widget", "method"]) == {"cutpaste", "perlin"}
