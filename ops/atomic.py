@@ -92,7 +92,7 @@ def write_bytes_atomic(path: Any, data: bytes) -> None:
 def _naming(e: OSError, target: Path) -> OSError:
     """The same error (errno kept, so callers can tell a full disk from a read-only root) naming the file the
     caller asked for rather than the temp file; nothing partial is left behind by the caller above."""
-    return type(e)(e.errno, f"{e.strerror} (writing {target}; nothing was written there)", str(target))
+    return type(e)(e.errno, f"{e.strerror or e} (writing {target}; nothing was written there)", str(target))
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:

@@ -152,3 +152,17 @@ def test_ingest_asset_writes_the_notes_manifest(tmp_path):
     import pandas as pd
     notes = pd.read_parquet(Storage(tmp_path / "s").manifest_path(NOTES, "widget"))
     assert list(notes["path"]) == ["widget/train/good/a b.png"]
+
+
+def test_an_image_level_only_dataset_gets_one_line_saying_what_is_missing(tmp_path, capsys):
+    import shutil
+
+    from pipelines import cli
+
+    root = build_mvtec(tmp_path / "data", "widget")
+    shutil.rmtree(root / "widget" / "ground_truth")
+    with pytest.raises(ValueError, match=r"image-level labels only \(test/\{hole,scratch\}/ without ground_truth/"):
+        ingest_category(root, "widget")
+    assert cli.main(["add-category", "widget", "--root", str(root), "--no-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image-level labels only" in err[0] and "ground_truth/<type>/<stem>_mask.png" in err[0]

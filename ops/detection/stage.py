@@ -218,6 +218,28 @@ def _workspace(storage: Storage, rel: str) -> Iterator[Path]:
         yield workdir
 
 
+def _storage_relative(storage: Storage, samples: pd.DataFrame) -> pd.DataFrame:
+    """Paths under the storage root relative to it, as in every manifest (reruns into another root give equal
+    bytes); dataset paths stay absolute (the raw manifest records their root the same way)."""
+    if not storage.is_local:
+        return samples
+    root = f"{Path(str(storage.root))}/"
+    out = samples.copy()
+    for column in [c for c in out.columns if c.endswith("_path")]:
+        out[column] = [p[len(root):] if isinstance(p, str) and p.startswith(root) else p for p in out[column]]
+    return out
+
+
+def read_samples(storage: Storage, rel: str) -> pd.DataFrame:
+    """A detector's ``samples.parquet`` with its storage-relative paths made absolute again (loadable as is)."""
+    samples = pd.read_parquet(str(storage.path(rel)))
+    if storage.is_local:
+        for column in [c for c in samples.columns if c.endswith("_path")]:
+            samples[column] = [str(storage.path(p)) if isinstance(p, str) and p and not Path(p).is_absolute() else p
+                               for p in samples[column]]
+    return samples
+
+
 def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConfig, weak_tau: float | None,
          backbone: OfflineBackbone | None, workdir: Path, desc: str, progress: Progress) -> tuple[am.FitResult, Path]:
     """Build, train and select one detector in ``workdir``; returns the fit result and the torch export."""
@@ -261,8 +283,8 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
         if not storage.is_local:
             storage.write_bytes(paths["checkpoint_path"], result.checkpoint.read_bytes())
             storage.write_bytes(paths["export_path"], Path(export).read_bytes())
-        storage.write_bytes(paths["samples_path"],
-                            table_to_parquet_bytes(pa.Table.from_pandas(samples, preserve_index=False)))
+        storage.write_bytes(paths["samples_path"], table_to_parquet_bytes(pa.Table.from_pandas(
+            _storage_relative(storage, samples), preserve_index=False)))
         config = {"detector": detector, "options": cfg.options_for(detector), "steps": cfg.steps_for(detector),
                   "val_every": cfg.val_every, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
                   "anomaly_ratio": cfg.anomaly_ratio, "weak_tau": weak_tau, "val_source": cfg.val_source,
@@ -357,7 +379,7 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
         progress("evaluate detectors", i, len(detector_df))
         split = split_df[split_df["category"] == det.category] if "category" in split_df.columns else split_df
         test = held_out_rows(split)
-        fitted = pd.read_parquet(str(storage.path(det.samples_path)))
+        fitted = read_samples(storage, det.samples_path)
         problems = check_no_test_leakage(pd.concat([fitted[fitted["split"] != "test"], test], ignore_index=True))
         if problems:
             raise ValueError(f"{det.samples_path}: detector {det.detector} was trained or selected on test images "
@@ -402,7 +424,7 @@ def check_detectors(storage: Storage, detector_df: pd.DataFrame, split_df: pd.Da
         if det.trained_on == "synthetic" and det.n_train_anomalous < 1:
             problems.append(f"{name}: trained on synthetic data but saw no anomalous image")
         split = split_df[split_df["category"] == det.category] if "category" in split_df.columns else split_df
-        fitted = pd.read_parquet(str(storage.path(det.samples_path)))
+        fitted = read_samples(storage, det.samples_path)
         leaks = check_no_test_leakage(pd.concat([fitted[fitted["split"] != "test"], held_out_rows(split)], ignore_index=True))
         problems += [f"{name}: {p}" for p in leaks[:5]]
     return problems

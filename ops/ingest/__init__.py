@@ -64,6 +64,12 @@ def _root(dataset_root: Any) -> Path:
 
 def no_layout_message(cat_dir: Path) -> str:
     """What a category folder that matches no layout holds, and which layouts were tried (one line)."""
+    if (cat_dir / "train" / "good").is_dir() and (cat_dir / "test").is_dir() and not (cat_dir / "ground_truth").exists():
+        types = sorted(p.name for p in (cat_dir / "test").iterdir() if p.is_dir() and p.name != "good")
+        return (f"{cat_dir} has image-level labels only (test/{{{','.join(types)}}}/ without ground_truth/ masks): "
+                f"every stage here starts from pixel masks of real defects (support set, target masks, pixel "
+                f"metrics), so this category cannot run yet; add ground_truth/<type>/<stem>_mask.png for at least "
+                f"the first third of each type's images (the support set)")
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in cat_dir.iterdir() if not p.name.startswith("."))
     shown = ", ".join(entries[:12]) + (f", ... ({len(entries)} entries)" if len(entries) > 12 else "")
     return (f"{cat_dir} matches no dataset layout: it holds {shown or 'nothing'}; tried "
@@ -98,6 +104,9 @@ def discover_categories(dataset_root: Any) -> list[tuple[str, str]]:
         if own:
             raise ValueError(f"{root} is itself a category folder ({own} layout); pass its parent {root.parent} "
                              f"as the dataset root")
+        image_level = [d for d in sorted(root.iterdir()) if d.is_dir() and "image-level" in no_layout_message(d)]
+        if image_level:
+            raise ValueError(no_layout_message(image_level[0]))
         raise ValueError(f"no category folder with a known layout under {root}; {_HINT}")
     if skipped:
         warnings.warn(f"{root}: skipped folders that match no dataset layout: {skipped}; {_HINT}", stacklevel=2)
