@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # errno values that mean "the user's machine refuses", not "the program is wrong"
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}

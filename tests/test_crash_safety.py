@@ -179,7 +179,8 @@ def test_quality_summary_written_last_holds_every_partition_present(tmp_path, mo
     manifest existed must not write a summary without it (it rebuilds from what exists at write time)."""
     import dagster as dg
 
-    from assets.quality import quality_metrics, quality_summary
+    from assets.partitions import category_method_partitions
+    from assets.quality import quality_summary
     from ops.metrics.quality import ALL, SUMMARY_COLS
     from resources.settings import ForgeSettings
     from resources.storage import ParquetIOManager, StorageResource
@@ -202,7 +203,7 @@ def test_quality_summary_written_last_holds_every_partition_present(tmp_path, mo
                  "settings": ForgeSettings(dataset_roots=[root])}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("category", ["widget"])
-        assert dg.materialize([quality_metrics, quality_summary], selection=[quality_summary], instance=instance,
-                              resources=resources).success
+        upstream = dg.AssetSpec("quality_metrics", partitions_def=category_method_partitions)
+        assert dg.materialize([upstream, quality_summary], instance=instance, resources=resources).success
     summary = pd.read_parquet(storage.manifest_path("quality_summary", None))
     assert set(summary.loc[summary["category"] == "widget", "method"]) == {"cutpaste", "perlin"}

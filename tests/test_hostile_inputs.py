@@ -5,7 +5,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,7 +12,7 @@ from PIL import Image
 from ops import atomic
 from ops.ingest import discover_categories, ingest_category
 from ops.ingest import validate as v
-from tests.fixtures import SHAPE, build_mvtec, image, rect_mask, write_png
+from tests.fixtures import SHAPE, build_mvtec, image, write_png
 
 
 def _ingest(root):
@@ -56,7 +55,8 @@ def test_odd_names_are_kept_and_hidden_entries_skipped_with_notes(tmp_path):
     result, notes, rejects = _ingest(root)
     assert not rejects
     assert {"train/good/with space", "train/good/größe"} <= set(result.rows["image_id"])
-    assert "spaces or non-ASCII" in notes["widget/train/good/with space.png"] and "widget/train/good/größe.png" in notes
+    assert "spaces or non-ASCII" in notes["widget/train/good/with space.png"]
+    assert "widget/train/good/größe.png" in notes
     assert notes["widget/test/..%2Fescape"] == notes["widget/test/.hidden"] == "hidden folder skipped"
     assert notes["widget/train/good/.DS_Store.png"] == "hidden file skipped"
     assert not any("escape" in i for i in result.rows["image_id"])
@@ -120,14 +120,17 @@ def test_read_only_or_full_storage_raises_naming_the_target_and_leaves_nothing_p
 
 
 def test_ingest_asset_says_what_a_folder_without_a_layout_holds(tmp_path):
+    import dagster as dg
+
     from assets.ingest import raw_defect_sets
     from resources.settings import ForgeSettings
     from resources.storage import ParquetIOManager, StorageResource
 
     root = build_mvtec(tmp_path / "data", "widget")
     write_png(root / "odd" / "pictures" / "a.png", image(0))
-    resources = {"settings": ForgeSettings(dataset_roots=[str(root)]),
-                 "storage": StorageResource(root=str(tmp_path / "s")), "io_manager": ParquetIOManager(root=str(tmp_path / "s"))}
+    store = str(tmp_path / "s")
+    resources = {"settings": ForgeSettings(dataset_roots=[str(root)]), "storage": StorageResource(root=store),
+                 "io_manager": ParquetIOManager(root=store)}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("category", ["odd"])
         with pytest.raises(ValueError, match=r"odd matches no dataset layout: it holds pictures/; tried loco, mvtec"):
@@ -135,6 +138,9 @@ def test_ingest_asset_says_what_a_folder_without_a_layout_holds(tmp_path):
 
 
 def test_ingest_asset_writes_the_notes_manifest(tmp_path):
+    import dagster as dg
+    import pandas as pd
+
     from assets.ingest import NOTES, raw_defect_sets
     from ops.storage import Storage
     from resources.settings import ForgeSettings
@@ -142,14 +148,14 @@ def test_ingest_asset_writes_the_notes_manifest(tmp_path):
 
     root = build_mvtec(tmp_path / "data", "widget")
     write_png(root / "widget" / "train" / "good" / "a b.png", image(70))
-    resources = {"settings": ForgeSettings(dataset_roots=[str(root)]),
-                 "storage": StorageResource(root=str(tmp_path / "s")), "io_manager": ParquetIOManager(root=str(tmp_path / "s"))}
+    store = str(tmp_path / "s")
+    resources = {"settings": ForgeSettings(dataset_roots=[str(root)]), "storage": StorageResource(root=store),
+                 "io_manager": ParquetIOManager(root=store)}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("category", ["widget"])
         result = dg.materialize([raw_defect_sets], partition_key="widget", instance=instance, resources=resources)
     meta = result.asset_materializations_for_node("raw_defect_sets")[0].metadata
     assert meta["notes"].value == 1 and "a b.png" in meta["notes_table"].value
-    import pandas as pd
     notes = pd.read_parquet(Storage(tmp_path / "s").manifest_path(NOTES, "widget"))
     assert list(notes["path"]) == ["widget/train/good/a b.png"]
 

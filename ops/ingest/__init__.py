@@ -64,7 +64,8 @@ def _root(dataset_root: Any) -> Path:
 
 def no_layout_message(cat_dir: Path) -> str:
     """What a category folder that matches no layout holds, and which layouts were tried (one line)."""
-    if (cat_dir / "train" / "good").is_dir() and (cat_dir / "test").is_dir() and not (cat_dir / "ground_truth").exists():
+    has_tree = (cat_dir / "train" / "good").is_dir() and (cat_dir / "test").is_dir()
+    if has_tree and not (cat_dir / "ground_truth").exists():
         types = sorted(p.name for p in (cat_dir / "test").iterdir() if p.is_dir() and p.name != "good")
         return (f"{cat_dir} has image-level labels only (test/{{{','.join(types)}}}/ without ground_truth/ masks): "
                 f"every stage here starts from pixel masks of real defects (support set, target masks, pixel "
