@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="anomalib")  # its own deprecations, on import
+    # deprecation notices that anomalib / timm print on import are not the user's business (one-line errors)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*(deprecated|will be removed)")
     try:
         return int(args.func(args) or 0)
     except (usage.UsageError, OSError) as e:
