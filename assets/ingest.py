@@ -3,8 +3,10 @@
 Choices:
 - A category partition is looked up across every configured dataset root; a name found under two roots is an
   error (the rows would silently depend on the order of the roots).
-- Rejected files are written next to the manifests as ``manifests/raw_defect_rejects/<category>.parquet`` (not an
-  asset: nothing downstream reads them; the check and the UI do), and union masks of multi-mask layouts go to
+- Rejected files are written next to the manifests as ``manifests/raw_defect_rejects/<category>.parquet``, and
+  the notes on kept files (alpha dropped, grayscale converted, odd names, skipped hidden entries) as
+  ``manifests/raw_defect_notes/<category>.parquet`` (not assets: nothing downstream reads them; the check and the
+  UI do), and union masks of multi-mask layouts go to
   ``cache/ingest/<category>`` under the storage root, because dataset roots may be read-only.
 - Both checks are blocking: a category with too many unusable files, or a split that leaks held-out images into
   the support set, must not reach adapter training. The reject fraction counts rejected files over all files seen.
@@ -12,6 +14,7 @@ Choices:
   stale when the images change, not when a folder is merely re-read (``pipelines.versions`` has the code side).
 - ops modules are imported inside the asset bodies so that loading the definitions (``dagster dev``) stays fast.
 """
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -22,6 +25,7 @@ from resources.settings import ForgeSettings
 from resources.storage import StorageResource
 
 REJECTS = "raw_defect_rejects"
+NOTES = "raw_defect_notes"  # files kept after a normalisation, and skipped hidden entries (ops.ingest.collect)
 
 
 def find_categories(dataset_roots: list[str], problems: list[str] | None = None) -> dict[str, tuple[str, str]]:
@@ -53,6 +57,13 @@ def find_categories(dataset_roots: list[str], problems: list[str] | None = None)
 
 
 def _locate(settings: ForgeSettings, category: str) -> tuple[str, str]:
+    from ops.ingest import detect_layout, no_layout_message
+
+    for root in settings.dataset_roots:
+        # the folder may exist and match no layout: say what it holds rather than "not a folder"
+        cat_dir = Path(root) / category
+        if cat_dir.is_dir() and detect_layout(Path(root)) is None and detect_layout(cat_dir) is None:
+            raise ValueError(no_layout_message(cat_dir))
     found = find_categories(settings.dataset_roots)
     if category not in found:
         raise FileNotFoundError(f"category {category!r} is not a folder under any dataset root "
@@ -68,7 +79,7 @@ def _counts(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 def raw_defect_sets(context: dg.AssetExecutionContext, settings: ForgeSettings,
                     storage: StorageResource) -> dg.Output[pd.DataFrame]:
     """Every readable image of one category with its mask, validated; rejected files listed with a fix."""
-    from ops.ingest import REJECT_SCHEMA, ingest_category
+    from ops.ingest import NOTE_SCHEMA, REJECT_SCHEMA, ingest_category
     from ops.manifest import write_manifest
     from ops.viz import markdown_table
 
@@ -77,14 +88,18 @@ def raw_defect_sets(context: dg.AssetExecutionContext, settings: ForgeSettings,
     store = storage.get()
     result = ingest_category(root, category, layout=layout, cache_dir=store.path(f"cache/ingest/{category}"))
     write_manifest(store.manifest_path(REJECTS, category), result.rejects, REJECT_SCHEMA, REJECTS)
+    write_manifest(store.manifest_path(NOTES, category), result.notes, NOTE_SCHEMA, NOTES)
     rows = result.rows
     meta: dict[str, Any] = {
         "dataset_root": root, "layout": layout, "images": len(rows), "rejects": len(result.rejects),
+        "notes": len(result.notes),
         "defect_types": sorted(set(rows["defect_type"]) - {"good"}),
         "counts": dg.MetadataValue.md(markdown_table(_counts(rows, ["split", "defect_type"]))),
     }
     if len(result.rejects):
         meta["rejected_files"] = dg.MetadataValue.md(markdown_table(result.rejects[["path", "reason", "fix"]]))
+    if len(result.notes):
+        meta["notes_table"] = dg.MetadataValue.md(markdown_table(result.notes[["path", "note"]]))
     return dg.Output(rows, metadata=meta, data_version=dg.DataVersion(content_version(rows)))
 
 

@@ -20,7 +20,7 @@ from assets.generation import SPLITS_BY_CATEGORY, log_progress
 from assets.metadata import image_metadata
 from assets.partitions import GPU_POOL, GPU_TAGS, category_method_partitions, split_key
 from resources.settings import ForgeSettings
-from resources.storage import ALLOW_MISSING, StorageResource
+from resources.storage import ALLOW_MISSING, WRITTEN_BY_ASSET, StorageResource
 
 SHOWN = ["defect_type", "n_generated", "n_real", "fid", "fid_effl0", "kid_mean", "kid_effl0_mean", "is_mean",
          "is_effl0_mean", "ic_lpips_ad", "ic_lpips_dfm", "ic_effl0_ad", "ic_effl0_dfm", "ic_effl0_a", "bg_psnr",
@@ -110,18 +110,31 @@ def quality_metrics_complete(quality_metrics: pd.DataFrame) -> dg.AssetCheckResu
 
 @dg.asset(ins={"quality_metrics": dg.AssetIn(partition_mapping=dg.AllPartitionMapping(),
                                              metadata={ALLOW_MISSING: True})},
-          group_name="quality", kinds={"parquet"})
-def quality_summary(quality_metrics: pd.DataFrame, storage: StorageResource) -> dg.Output[pd.DataFrame]:
+          group_name="quality", kinds={"parquet"}, metadata={WRITTEN_BY_ASSET: True})
+def quality_summary(context: dg.AssetExecutionContext, quality_metrics: pd.DataFrame,
+                    storage: StorageResource) -> dg.Output[pd.DataFrame]:
     """Cross-method comparison: one row per category x method plus each method's mean over categories."""
+    import pyarrow as pa
+
+    from ops.atomic import write_parquet_atomic
+    from ops.locks import storage_lock
+    from ops.manifest import read_existing
     from ops.metrics.quality import quality_plot, summarize
     from ops.viz import markdown_table
 
-    df = summarize(quality_metrics)
-    per_pair = df[df["category"] != "__mean__"]
+    store = storage.get()
+    # Rebuilt under a lock from the partitions present NOW (not the input loaded at step start): of two runs
+    # finishing together, the one that writes last has seen both partitions.
+    with storage_lock(store, "manifests/quality_summary"):
+        current = read_existing(store, "quality_metrics", context.asset_partition_keys_for_input("quality_metrics"))
+        df = summarize(quality_metrics if current is None else current)
+        write_parquet_atomic(store.manifest_path("quality_summary", None),
+                             pa.Table.from_pandas(df, preserve_index=False))
+        per_pair = df[df["category"] != "__mean__"]
+        plot = image_metadata(store, "previews/quality_summary.png", quality_plot(per_pair, "quality summary"),
+                              "summary")
     return dg.Output(df, metadata={
-        "pairs": len(per_pair), "table": dg.MetadataValue.md(markdown_table(df)),
-        "plot": image_metadata(storage.get(), "previews/quality_summary.png",
-                               quality_plot(per_pair, "quality summary"), "summary")})
+        "pairs": len(per_pair), "table": dg.MetadataValue.md(markdown_table(df)), "plot": plot})
 
 
 ASSETS = [refined_masks, quality_metrics, quality_summary]

@@ -19,22 +19,33 @@ Choices the contracts leave open:
   16-bit PNG). After a successful run every other file under that folder is deleted (stale files of a run
   with a larger n, temp files of a crashed one), so the folder mirrors the manifest exactly.
 - Every column of a rerun with the same inputs is identical except ``seconds`` (a measured timing).
+- Crash safety (kill -9 included): after each image's files are written, its manifest row is appended to a
+  journal (``<base>/.journal-<fingerprint>.jsonl``, flushed and fsynced). A rerun with the same fingerprint
+  (category, method, seed, config, target options, adapter, split rows) takes every journalled job whose image
+  still has the journalled sha256 and synthesizes only the rest; a torn last line is ignored. Jobs are
+  deterministic per seed, so the final files equal an uninterrupted run's. The journal goes with the stale-file
+  sweep at the end.
+- Adapter fitting holds the lock of ``adapters/<category>/<method>`` (``ops.locks``): two runs of one partition
+  never train the same adapter at once; the second resumes from (and so reuses) the first's final checkpoint.
 - The method's own mask is the row's mask; an empty one is an error, not a silent row without a defect.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from ops.locks import storage_lock
 from ops.manifest import dumps, to_table
 from ops.masks.targets import foreground_mask, sample_target_mask
 from ops.methods.base import Progress, check_results
@@ -72,9 +83,12 @@ def fit_adapter(storage: Storage, category: str, method_name: str, split_df: pd.
     config = method.config(cfg)
     support_rows = _support_rows(split_df, category)
     support = [load_sample(row) for row in support_rows.to_dict("records")]
-    out_dir = storage.path(f"adapters/{category}/{method_name}")
+    rel = f"adapters/{category}/{method_name}"
+    out_dir = storage.path(rel)
     start = time.perf_counter()
-    with _progress(progress, f"fit {category}/{method_name}", None) as report:
+    # two runs of one partition take turns; the second's fit finds the first's finished checkpoints and
+    # returns without training (Method.fit is idempotent)
+    with storage_lock(storage, rel), _progress(progress, f"fit {category}/{method_name}", None) as report:
         adapter = method.fit(backbone, support, config, out_dir=out_dir, progress=report)
     df = pd.DataFrame([{
         "category": category, "method": method_name,
@@ -186,23 +200,84 @@ def synthesize_partition(storage: Storage, category: str, method_name: str, spli
     planner = JobPlanner(split_df, category, method_name, seed, target_mode, method.needs_reference, target_options)
     adapter = _adapter(storage, adapter_df, category, method_name, planner.support_ids)
     base = f"{SYNTHETIC_DIR}/{category}/{method_name}"
+    fingerprint = _fingerprint(category, method_name, seed, config_json, target_mode, target_options, adapter,
+                               split_df)
+    journal = Journal(storage, f"{base}/.journal-{fingerprint}.jsonl")
     rows, written = [], set()
     with _progress(progress, f"synthesize {category}/{method_name}", n) as report:
         for start in range(0, n, chunk_size):
-            planned = {i: planner.plan(i) for i in range(start, min(n, start + chunk_size))}
+            done = {i: journal.rows[i] for i in range(start, min(n, start + chunk_size)) if i in journal.rows}
+            planned = {i: planner.plan(i) for i in range(start, min(n, start + chunk_size)) if i not in done}
             jobs = [p.job for p in planned.values()]
-            for result in check_results(jobs, method.synthesize(backbone, adapter, jobs, config)):
-                p = planned[result.job.index]
-                row = _write_result(storage, base, result, p)
-                row.update(method=method_name, config_json=config_json)
+            results = check_results(jobs, method.synthesize(backbone, adapter, jobs, config)) if jobs else ()
+            for row in [*done.values(), *(_journalled(journal, storage, base, r, planned[r.job.index], method_name,
+                                                      config_json) for r in results)]:
                 rows.append(row)
                 written.update([row["image_path"], row["mask_path"], row["target_path"],
                                 *json.loads(row["extras_json"]).values()])
                 report(f"synthesize {category}/{method_name}", len(rows), n)
+    journal.close()
     _remove_stale(storage, base, written)
     df = pd.DataFrame(rows, columns=SYNTHETIC_SCHEMA.names).sort_values("index", ignore_index=True)
     to_table(df, SYNTHETIC_SCHEMA, "synthetic_anomalies")
     return df
+
+
+class Journal:
+    """Rows of finished jobs, one JSON line each (module doc: crash safety). Local roots only: on an object
+    store appends are not possible, so there a crashed partition starts over."""
+
+    def __init__(self, storage: Storage, rel: str):
+        self.rows: dict[int, dict] = {}
+        self._file = None
+        if not storage.is_local:
+            return
+        path = Path(storage.path(rel))
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # the line a kill cut short
+                    continue
+                if _files_intact(storage, row):
+                    self.rows[int(row["index"])] = row
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a")
+
+    def add(self, row: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(row, sort_keys=True) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _files_intact(storage: Storage, row: dict) -> bool:
+    paths = [row["mask_path"], row["target_path"], *json.loads(row["extras_json"]).values()]
+    image = Path(storage.path(row["image_path"]))
+    return (image.is_file() and sha256_bytes(image.read_bytes()) == row["sha256"]
+            and all(Path(storage.path(p)).is_file() for p in paths))
+
+
+def _journalled(journal: Journal, storage: Storage, base: str, result, planned: PlannedJob, method: str,
+                config_json: str) -> dict:
+    row = _write_result(storage, base, result, planned)
+    row.update(method=method, config_json=config_json)
+    journal.add(row)
+    return row
+
+
+def _fingerprint(category: str, method: str, seed: int, config_json: str, target_mode: str,
+                 target_options: dict | None, adapter: Adapter, split_df: pd.DataFrame) -> str:
+    rows = _rows(split_df, category, "support"), _rows(split_df, category, "train_good")
+    inputs = sorted(f"{r['image_id']}:{r.get('sha256', '')}:{r['mask_path']}" for df in rows
+                    for r in df.to_dict("records"))
+    return sha256_bytes(dumps({"category": category, "method": method, "seed": seed, "config": config_json,
+                               "target_mode": target_mode, "target_options": target_options or {},
+                               "adapter": [str(adapter.path), adapter.meta], "inputs": inputs}).encode())[:16]
 
 
 def _write_result(storage: Storage, base: str, result, planned: PlannedJob) -> dict:

@@ -3,6 +3,10 @@
 Every stage declares its schema as a ``pa.schema`` next to the code that fills it; ``to_table`` checks a
 DataFrame against it (missing columns and wrong types are errors, extra columns are errors too, so a typo
 cannot slip through) and ``write_manifest`` writes it atomically with the schema name in the file metadata.
+
+Reruns with the same inputs give byte-identical files everywhere except in the declared timing columns
+(``TIMING_COLUMNS``: measured wall-clock seconds); nothing else (config files, checkpoints, adapter metadata)
+may carry a time.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import pyarrow.parquet as pq
 from ops.atomic import write_parquet_atomic
 
 SCHEMA_KEY = b"anomaly_forge.schema"
+TIMING_COLUMNS = ("seconds", "train_seconds", "eval_seconds")
 
 
 def to_table(df: pd.DataFrame, schema: pa.Schema, name: str = "") -> pa.Table:
@@ -35,6 +40,13 @@ def write_manifest(path: Any, df: pd.DataFrame, schema: pa.Schema, name: str = "
 
 def read_manifest(path: Any) -> pd.DataFrame:
     return pq.read_table(str(path)).to_pandas()
+
+
+def read_existing(storage: Any, asset: str, keys: Any) -> pd.DataFrame | None:
+    """The manifests of ``asset`` for the partition ``keys`` that exist now, concatenated in key order."""
+    paths = [storage.manifest_path(asset, str(k)) for k in sorted(map(str, keys))]
+    frames = [read_manifest(p) for p in paths if p.exists()]
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def empty_frame(schema: pa.Schema) -> pd.DataFrame:

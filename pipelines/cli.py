@@ -9,22 +9,21 @@ Choices:
   refuse to run without it instead of writing to a throw-away instance.
 - ``add-category --root DIR`` adds DIR to the dataset roots for this command only; to let later ingest runs
   (UI, sensor) find the category, DIR must also be in ``ANOMALY_FORGE_DATASETS`` (the command says so).
+- Every argument is checked before any work (``pipelines.usage``); a user error is one line on stderr and exit
+  status 2, with its traceback only under ``--debug``. Any other exception is a bug and keeps its traceback.
 - Dagster's beta/preview warnings about the partition mapping and partitioned checks this project relies on
   (on a pinned Dagster) are silenced here; library users still see them.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
-
-def _csv(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+from pipelines import usage
 
 
 def _instance():
@@ -32,29 +31,24 @@ def _instance():
 
     home = os.environ.get("DAGSTER_HOME")
     if not home or not Path(home).is_dir():
-        raise SystemExit("DAGSTER_HOME is not set to an existing folder: point it at your Dagster instance "
-                         "(e.g. `export DAGSTER_HOME=$PWD/demo_out/dagster_home` after `anomaly-forge demo`)")
+        raise usage.UsageError("DAGSTER_HOME is not set to an existing folder: point it at your Dagster instance "
+                               "(e.g. `export DAGSTER_HOME=$PWD/demo_out/dagster_home` after `anomaly-forge demo`)")
     return dg.DagsterInstance.get()
-
-
-def _json_settings(text: str | None) -> dict | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--settings is not valid JSON ({e}); e.g. --settings "
-                         f"'{{\"detection_options\": {{\"detectors\": [\"segmenter\"]}}}}'") from None
-    if not isinstance(value, dict):
-        raise SystemExit("--settings must be a JSON object of ForgeSettings fields")
-    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    return run_demo(args.out, methods=_csv(args.methods), categories=_csv(args.categories), n=args.n,
-                    size=args.size, seed=args.seed, settings=_json_settings(args.settings))
+    methods = usage.methods(args.methods)
+    categories = usage.demo_categories(args.categories)
+    usage.at_least(args.n, 1, "--n", "synthetic images per category x method")
+    usage.at_least(args.size, 32, "--size", "defects are a few pixels wide")
+    usage.at_least(args.seed, 0, "--seed")
+    settings = usage.settings_json(args.settings)
+    usage.settings(settings, dataset_roots=[str(Path(args.out).expanduser().resolve() / "data")],
+                   n_per_partition=args.n, seed=args.seed)
+    return run_demo(args.out, methods=methods, categories=categories, n=args.n, size=args.size, seed=args.seed,
+                    settings=settings)
 
 
 def cmd_train_base(args: argparse.Namespace) -> int:
@@ -65,7 +59,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     try:
         cfg.check()
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise usage.UsageError(str(e)) from None
     command = ("anomaly-forge train-base --out DIR " + " ".join(
         f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("pool_size", "vae_steps", "unet_steps", "vae_batch",
                                                                 "unet_batch", "seed", "dtype")))
@@ -88,9 +82,7 @@ def _run(categories: Sequence[str], methods: Sequence[str] | None, extra_roots: 
     from ops.methods.registry import available_methods
     from pipelines.definitions import build_definitions
     from pipelines.demo import run_lineage
-    from resources.settings import ForgeSettings
-
-    roots = list(ForgeSettings.from_env().dataset_roots) + [str(Path(r).resolve()) for r in extra_roots]
+    roots = list(usage.settings({}, "the environment (ANOMALY_FORGE_*)").dataset_roots) + list(extra_roots)
     defs = build_definitions(dataset_roots=list(dict.fromkeys(roots)))
     with _instance() as instance:
         steps = run_lineage(defs, instance, categories, list(methods or available_methods()),
@@ -103,10 +95,16 @@ def _run(categories: Sequence[str], methods: Sequence[str] | None, extra_roots: 
 def cmd_add_category(args: argparse.Namespace) -> int:
     from assets.ingest import find_categories
 
-    found = find_categories([args.root])
+    usage.category_name(args.name)
+    root = usage.folder(args.root, "--root")
+    methods = usage.methods(args.methods)
+    try:
+        found = find_categories([str(root)])
+    except ValueError as e:
+        raise usage.UsageError(f"--root {root}: {e}") from None
     if args.name not in found:
-        raise SystemExit(f"{args.root} has no category folder {args.name!r} with a known layout; found: "
-                         f"{sorted(found) or 'none'}")
+        raise usage.UsageError(f"{root} has no category folder {args.name!r} with a known layout; found: "
+                               f"{sorted(found) or 'none'}")
     with _instance() as instance:
         if instance.has_dynamic_partition("category", args.name):
             print(f"category {args.name!r} is already a partition")
@@ -119,8 +117,8 @@ def cmd_add_category(args: argparse.Namespace) -> int:
     if args.no_run:
         return 0
     if args.in_process:
-        return _run([args.name], _csv(args.methods), extra_roots=[args.root])
-    return _submit_backfill(args.name, _csv(args.methods), args.root)
+        return _run([args.name], methods, extra_roots=[str(root)])
+    return _submit_backfill(args.name, methods, str(root))
 
 
 def _submit_backfill(category: str, methods: Sequence[str] | None, root: str) -> int:
@@ -141,14 +139,15 @@ def _submit_backfill(category: str, methods: Sequence[str] | None, root: str) ->
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
+    methods = usage.methods(args.methods)
     with _instance() as instance:
         existing = list(instance.get_dynamic_partitions("category"))
-    categories = _csv(args.categories) or existing
+    categories = usage.csv(args.categories) or existing
     missing = sorted(set(categories) - set(existing))
     if missing or not categories:
-        raise SystemExit(f"categories {missing or '(none)'} are not partitions of this instance; add them first "
-                         f"(anomaly-forge add-category NAME --root DIR); existing: {existing}")
-    return _run(categories, _csv(args.methods))
+        raise usage.UsageError(f"categories {missing or '(none)'} are not partitions of this instance; add them "
+                               f"first (anomaly-forge add-category NAME --root DIR); existing: {existing}")
+    return _run(categories, methods)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list-methods", help="list the registered generation methods")
     lst.set_defaults(func=cmd_list_methods)
+    # --debug before or after the command name (SUPPRESS: a sub-parser must not reset the main parser's value)
+    for p in [parser, *sub.choices.values()]:
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of user errors too")
     return parser
 
 
@@ -203,7 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-    return int(args.func(args) or 0)
+    # deprecation notices that anomalib / timm print on import are not the user's business (one-line errors)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*(deprecated|will be removed)")
+    try:
+        return int(args.func(args) or 0)
+    except (usage.UsageError, OSError) as e:
+        line = str(e) if isinstance(e, usage.UsageError) else usage.environment_error(e)
+        if line is None or getattr(args, "debug", False):
+            raise
+        print(f"anomaly-forge {args.command}: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

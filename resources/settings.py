@@ -14,6 +14,9 @@ Choices:
 - ``methods`` limits what the new-category sensor and the regeneration schedule materialize (the ``method``
   partitions stay every registered method, so a launch from the UI can still pick any of them); ``regen_seed``
   chooses what a regeneration round does (``pipelines.schedules``).
+- Unknown names are errors at every layer, each listing the known ones: top-level fields (pydantic would drop
+  them silently, so ``__init__`` checks), method names in ``method_options``, and (``check_options``, which
+  imports the stage configs) every key inside the per-method, quality and detection option dicts.
 """
 from __future__ import annotations
 
@@ -56,6 +59,13 @@ class ForgeSettings(dg.ConfigurableResource):
     methods: list[str] = []  # what the sensor and the schedule generate with; empty = every registered method
     regen_seed: str = "fixed"  # regeneration schedule: "fixed" (only stale partitions) or "per_round" (fresh seeds)
 
+    def __init__(self, **values: Any):
+        unknown = sorted(set(values) - set(type(self).model_fields))
+        if unknown:
+            raise ValueError(f"ForgeSettings: unknown setting(s) {unknown}; known settings: "
+                             f"{sorted(type(self).model_fields)}")
+        super().__init__(**values)
+
     @classmethod
     def from_env(cls, **overrides: Any) -> "ForgeSettings":
         roots = os.environ.get("ANOMALY_FORGE_DATASETS")
@@ -92,6 +102,33 @@ class ForgeSettings(dg.ConfigurableResource):
             raise ValueError(f"ForgeSettings.regen_seed={self.regen_seed!r}; use one of {REGEN_SEEDS}")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError(f"ForgeSettings.max_reject_fraction={self.max_reject_fraction}; use a value in [0, 1]")
+        from ops.methods.registry import available_methods
+
+        unknown = sorted(set(self.method_options) - set(available_methods()))
+        if unknown:
+            raise ValueError(f"ForgeSettings.method_options: unknown method(s) {unknown}; known methods: "
+                             f"{available_methods()}")
+        return self
+
+    def check_options(self) -> "ForgeSettings":
+        """``check`` plus every option dict parsed by its stage config (unknown keys, bad values): the CLI calls
+        this before any work. Imports the stage modules (torch), so resource setup does not."""
+        from ops.detection.stage import DetectionConfig
+        from ops.masks.refine import RefineConfig
+        from ops.methods.registry import get_method
+        from ops.metrics.quality import QualityConfig
+
+        self.check()
+        for method in self.method_options:
+            get_method(method).config(self.method_config(method))
+        quality = dict(self.quality_options or {})
+        refine = quality.pop("refine", {}) or {}
+        if not isinstance(refine, dict):
+            raise ValueError(f"ForgeSettings.quality_options['refine'] must be a dict of RefineConfig options, got "
+                             f"{refine!r}")
+        RefineConfig.from_dict(refine)
+        QualityConfig.from_dict(quality)
+        DetectionConfig.from_dict({"seed": self.seed, **(self.detection_options or {})})
         return self
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:

@@ -12,6 +12,9 @@ Choices:
   A missing file is an error naming the file and the asset to materialize, unless the input declares
   ``metadata={"allow_missing_partitions": True}`` (summaries over "whatever exists", e.g. a demo run on a subset
   of the methods); then missing partitions are skipped with a warning, and an input with none present is an error.
+- An asset with ``metadata={"written_by_asset": True}`` writes its own manifest (a summary rebuilt under a lock
+  from the manifests present at write time, so that two runs finishing together cannot overwrite a complete
+  summary with a stale one); the IO manager then only records the path, and loads it as usual.
 - The IO manager does not know stage schemas; stages validate their frames with ``ops.manifest.to_table`` before
   returning them, and pandas' own Arrow metadata restores dtypes on load.
 """
@@ -29,6 +32,7 @@ from ops.atomic import write_parquet_atomic
 from ops.storage import Storage
 
 ALLOW_MISSING = "allow_missing_partitions"
+WRITTEN_BY_ASSET = "written_by_asset"
 
 
 def storage_root_from_env() -> str:
@@ -75,6 +79,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             frames = {key: obj}
         rows = 0
         paths = []
+        if (context.definition_metadata or {}).get(WRITTEN_BY_ASSET):
+            frames = {}
+            rows, paths = len(obj), [str(self.path_for(context.asset_key, None))]
         for key, df in frames.items():
             if not isinstance(df, pd.DataFrame):
                 raise TypeError(f"asset {context.asset_key.to_user_string()} (partition {key}) returned "

@@ -20,7 +20,7 @@ from ops.detection import datamodule as dmod
 from ops.detection.backbones import resolve_backbone, verify_backbone
 from ops.detection.evaluate import predict_rows
 from ops.detection.segmenter import focal_loss_map, weak_supervision_keep
-from ops.detection.stage import load_weights, held_out_rows, train_detectors, evaluate_detectors
+from ops.detection.stage import evaluate_detectors, held_out_rows, load_weights, read_samples, train_detectors
 from ops.storage import Storage
 from resources.backbone import DiffusionBackbone
 from resources.settings import ForgeSettings
@@ -166,7 +166,7 @@ def test_supersimplenet_draem_and_weak_segmenter_train_on_synthetic_anomalies(tm
     ev = evaluate_detectors(storage, demo_split, det, cfg)
     assert all(math.isfinite(v) for v in ev[["image_auroc", "pixel_auroc", "aupro"]].to_numpy().ravel())
 
-    samples = pd.read_parquet(storage.path(det.set_index("detector").loc["draem", "samples_path"]))
+    samples = read_samples(storage, det.set_index("detector").loc["draem", "samples_path"])
     draem = SyntheticDraem(dtd_dir=str(tmp_path), recon_width=8, disc_width=8)
     train = samples[samples["split"] == "train"]
     draem.recon_paths = dict(zip(train["image_path"], train["recon_path"]))

@@ -148,6 +148,33 @@ class FitResult:
     seconds: float
 
 
+def _portable_checkpoint(path: Path, workdir: Path) -> dict[str, Any]:
+    """Rewrite a Lightning checkpoint with the absolute paths in its callbacks' state (ModelCheckpoint's
+    dirpath, best_model_path, best_k_models keys) made relative to the detector folder: the same training in
+    two storage roots then gives the same bytes, and a moved storage root holds no stale absolute path."""
+    import io
+
+    from ops.atomic import write_bytes_atomic
+
+    prefix = str(Path(workdir).resolve())
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(prefix):
+            return Path(value).relative_to(prefix).as_posix()
+        if isinstance(value, dict):
+            return {relative(k): relative(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(relative(v) for v in value)
+        return value
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["callbacks"] = relative(state.get("callbacks", {}))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getvalue())
+    return state
+
+
 def fit(model: AnomalibModule, datamodule: Any, workdir: Path, steps: int, *, val_every: int = 10,
         select: bool = True, progress: Progress = no_progress, desc: str = "train",
         enable_progress_bar: bool = False, accelerator: str = "auto") -> FitResult:
@@ -172,7 +199,7 @@ def fit(model: AnomalibModule, datamodule: Any, workdir: Path, steps: int, *, va
     best = Path(checkpoint.best_model_path or checkpoint.last_model_path or "")
     if not best.is_file():
         raise RuntimeError(f"{type(model).__name__}: training wrote no checkpoint under {ckpt_dir}")
-    state = torch.load(best, map_location="cpu", weights_only=False)
+    state = _portable_checkpoint(best, workdir)
     score = checkpoint.best_model_score
     return FitResult(checkpoint=best, val_score=float(score) if (select and score is not None) else None,
                      epoch=int(state.get("epoch", 0)), steps=int(state.get("global_step", 0)), seconds=seconds)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from ops import lite0 as pypi_lite0
+from ops.atomic import make_temp_dir
 from ops.storage import sha256_file
 
 PYPI_NAME = "efficientnet_lite0"
@@ -65,7 +65,7 @@ def _materialize_pypi(cache_dir: Path) -> OfflineBackbone:
         model = timm.create_model(TIMM_ARCH, pretrained=False)
         model.load_state_dict(state, strict=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tmp = make_temp_dir(folder.parent, prefix=f".{folder.name}.")
         save_for_hf(model, str(tmp), safe_serialization=True)
         try:
             tmp.rename(folder)

@@ -27,7 +27,6 @@ training crops, 60 steps at lr 2e-3) and the PatchCore reference. Paper settings
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import re
@@ -49,6 +48,7 @@ from ops.detection.backbones import OfflineBackbone, resolve_backbone
 from ops.detection.datamodule import SyntheticAnomalyDataModule, build_samples, check_no_test_leakage
 from ops.detection.evaluate import METRIC_COLUMNS, compute_metrics, predict_rows
 from ops.detection.mix import MIX_SOURCE, MIX_SUFFIX, base_detector, mixed_synthetic, tau_variant
+from ops.locks import exclusive
 from ops.manifest import dumps, empty_frame, to_table
 from ops.methods.base import MethodConfig, Progress, no_progress
 from ops.methods.registry import BASELINES
@@ -122,6 +122,11 @@ class DetectionConfig(MethodConfig):
         bad = [d for d in self.detectors if d not in am.DETECTORS]
         if bad or not self.detectors:
             raise ValueError(f"detection options: detectors {bad or '[]'} not available; choose from {list(am.DETECTORS)}")
+        for name in ("steps", "options"):
+            unknown = sorted(set(getattr(self, name)) - set(am.DETECTORS))
+            if unknown:
+                raise ValueError(f"detection options: {name} names unknown detector(s) {unknown}; known detectors: "
+                                 f"{list(am.DETECTORS)}")
 
     def steps_for(self, detector: str) -> int:
         return int({**_DEFAULT_STEPS, **self.steps}[detector])
@@ -218,14 +223,30 @@ def _workspace(storage: Storage, rel: str) -> Iterator[Path]:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
-    workdir = Path(storage.path(rel))
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield workdir
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive(Path(storage.path(rel))) as workdir:
+        yield workdir
+
+
+def _storage_relative(storage: Storage, samples: pd.DataFrame) -> pd.DataFrame:
+    """Paths under the storage root relative to it, as in every manifest (reruns into another root give equal
+    bytes); dataset paths stay absolute (the raw manifest records their root the same way)."""
+    if not storage.is_local:
+        return samples
+    root = f"{Path(str(storage.root))}/"
+    out = samples.copy()
+    for column in [c for c in out.columns if c.endswith("_path")]:
+        out[column] = [p[len(root):] if isinstance(p, str) and p.startswith(root) else p for p in out[column]]
+    return out
+
+
+def read_samples(storage: Storage, rel: str) -> pd.DataFrame:
+    """A detector's ``samples.parquet`` with its storage-relative paths made absolute again (loadable as is)."""
+    samples = pd.read_parquet(str(storage.path(rel)))
+    if storage.is_local:
+        for column in [c for c in samples.columns if c.endswith("_path")]:
+            samples[column] = [str(storage.path(p)) if isinstance(p, str) and p and not Path(p).is_absolute() else p
+                               for p in samples[column]]
+    return samples
 
 
 def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConfig, weak_tau: float | None,
@@ -267,7 +288,7 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
     with _workspace(storage, rel) as workdir:
         done = _read_json(storage, f"{rel}/config.json")
         if done and done.get("fingerprint") == fingerprint and storage.path(done["checkpoint_path"]).exists():
-            return {**done["row"], "partition_method": partition_method, "reused": True}
+            return {**done["row"], "seconds": 0.0, "partition_method": partition_method, "reused": True}
         result, export = _fit(detector, category, samples, cfg, weak_tau, backbone, workdir,
                               f"{category}/{method}/{variant}", progress, weak_paths)
         paths = {"checkpoint_path": f"{rel}/checkpoints/best.ckpt", "export_path": f"{rel}/weights/torch/model.pt",
@@ -275,10 +296,11 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
         if not storage.is_local:
             storage.write_bytes(paths["checkpoint_path"], result.checkpoint.read_bytes())
             storage.write_bytes(paths["export_path"], Path(export).read_bytes())
-        storage.write_bytes(paths["samples_path"],
-                            table_to_parquet_bytes(pa.Table.from_pandas(samples, preserve_index=False)))
+        storage.write_bytes(paths["samples_path"], table_to_parquet_bytes(pa.Table.from_pandas(
+            _storage_relative(storage, samples), preserve_index=False)))
         config = {"detector": detector, "variant": variant,
-                  "weak_rows": None if weak_paths is None else len(weak_paths), "options": cfg.options_for(detector), "steps": cfg.steps_for(detector),
+                  "weak_rows": None if weak_paths is None else len(weak_paths), "options": cfg.options_for(detector),
+                  "steps": cfg.steps_for(detector),
                   "val_every": cfg.val_every, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
                   "anomaly_ratio": cfg.anomaly_ratio, "weak_tau": weak_tau, "val_source": cfg.val_source,
                   "val_fraction": cfg.val_fraction, "mask_column": cfg.mask_column,
@@ -291,12 +313,13 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
                "selected_epoch": result.epoch, "selected_step": result.steps, "steps": config["steps"],
                "image_size": cfg.image_size, "backbone": config["backbone"], "backbone_source": source,
                **_counts(samples), **paths, "config_json": dumps(config), "fingerprint": fingerprint,
-               "seed": cfg.seed, "seconds": result.seconds}
-        # written last: its fingerprint marks the folder complete for the reuse test above
+               "seed": cfg.seed}
+        # written last: its fingerprint marks the folder complete for the reuse test above; no timing in it
+        # (reruns must give identical bytes: seconds live in the manifest's timing column only)
         storage.write_bytes(paths["config_path"], json.dumps({"fingerprint": fingerprint, "checkpoint_path":
                                                              paths["checkpoint_path"], "config": config, "row": row},
                                                             indent=2, sort_keys=True, default=str).encode())
-    return {**row, "partition_method": partition_method, "reused": False}
+    return {**row, "seconds": result.seconds, "partition_method": partition_method, "reused": False}
 
 
 def train_detectors(storage: Storage, category: str, method: str, split_df: pd.DataFrame,
@@ -393,7 +416,7 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
         progress("evaluate detectors", i, len(detector_df))
         split = split_df[split_df["category"] == det.category] if "category" in split_df.columns else split_df
         test = held_out_rows(split)
-        fitted = pd.read_parquet(str(storage.path(det.samples_path)))
+        fitted = read_samples(storage, det.samples_path)
         problems = check_no_test_leakage(pd.concat([fitted[fitted["split"] != "test"], test], ignore_index=True))
         if problems:
             raise ValueError(f"{det.samples_path}: detector {det.detector} was trained or selected on test images "
@@ -438,7 +461,7 @@ def check_detectors(storage: Storage, detector_df: pd.DataFrame, split_df: pd.Da
         if det.trained_on == "synthetic" and det.n_train_anomalous < 1:
             problems.append(f"{name}: trained on synthetic data but saw no anomalous image")
         split = split_df[split_df["category"] == det.category] if "category" in split_df.columns else split_df
-        fitted = pd.read_parquet(str(storage.path(det.samples_path)))
+        fitted = read_samples(storage, det.samples_path)
         leaks = check_no_test_leakage(pd.concat([fitted[fitted["split"] != "test"], held_out_rows(split)], ignore_index=True))
         problems += [f"{name}: {p}" for p in leaks[:5]]
     return problems

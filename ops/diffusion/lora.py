@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ops.atomic import write_bytes_atomic
+from ops.atomic import canonical_safetensors, write_bytes_atomic
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name for load_lora_weights
@@ -110,10 +110,25 @@ def save_lora(unet: nn.Module, out_dir: Any, adapter_name: str = "default",
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=state, weight_name=weight_name, safe_serialization=True,
             unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict())
-        write_bytes_atomic(out / weight_name, (tmp / weight_name).read_bytes())
+        write_bytes_atomic(out / weight_name, canonical_safetensors((tmp / weight_name).read_bytes(),
+                                                                    _sorted_adapter_metadata))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / weight_name
+
+
+def _sorted_adapter_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """peft keeps ``target_modules`` as a set, which diffusers writes as a JSON list in the per-process string
+    hash order: sort it so that equal adapters give equal files."""
+    import json
+
+    if "lora_adapter_metadata" not in meta:
+        return meta
+    config = json.loads(meta["lora_adapter_metadata"])
+    for key, value in config.items():
+        if key.endswith("target_modules") and isinstance(value, list):
+            config[key] = sorted(value)
+    return {**meta, "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
 
 
 def load_lora(unet: nn.Module, path: Any, adapter_name: str = "default") -> None:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ops.atomic import write_bytes_atomic
+from ops.atomic import canonical_safetensors, write_bytes_atomic
 
 
 @dataclass
@@ -79,7 +79,7 @@ class TextualInversion:
         for j, token in enumerate(self.tokens):
             row = self.embeddings[j].detach().to("cpu", torch.float32).reshape(1, -1).contiguous()
             path = out / f"learned_embeds-{j}.safetensors"
-            write_bytes_atomic(path, save({token: row}, metadata={"format": "pt"}))
+            write_bytes_atomic(path, canonical_safetensors(save({token: row}, metadata={"format": "pt"})))
             paths.append(path)
         return paths
 

@@ -23,7 +23,9 @@ Errors: structural problems raise (missing root or category: FileNotFoundError; 
 category name, wrong explicit layout, multi-mask images without ``cache_dir``: ValueError), each message
 naming the path and the fix. Per-file problems (unreadable or truncated images, mask/image size mismatch,
 non-binary or empty masks, defect images without a mask, empty folders, stray files, orphan masks) become
-rows of ``rejects`` (``REJECT_SCHEMA``: category, path, reason, fix) and the file is left out of ``rows``.
+rows of ``rejects`` (``REJECT_SCHEMA``: category, path, reason, fix) and the file is left out of ``rows``;
+files kept after a normalisation (alpha dropped, grayscale converted, odd names, skipped hidden entries) get a
+row in ``notes`` (``NOTE_SCHEMA``; see ``ops.ingest.collect`` for the decision on each hostile input).
 
 Every image and mask is decoded completely (truncated files are caught here, not in a training loop);
 ``sha256`` is of the image file bytes; ``mask_area`` is the defect fraction of the (unioned) mask.
@@ -36,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from ops.ingest import folder, loco, mvtec, visa
-from ops.ingest.collect import REJECT_SCHEMA, RAW_SCHEMA, IngestResult, process
+from ops.ingest.collect import NOTE_SCHEMA, REJECT_SCHEMA, RAW_SCHEMA, IngestResult, process
 from ops.samples import load_sample
 from ops.storage import check_name
 
-__all__ = ["discover_categories", "ingest_category", "IngestResult", "RAW_SCHEMA", "REJECT_SCHEMA", "LAYOUTS",
+__all__ = ["discover_categories", "ingest_category", "IngestResult", "RAW_SCHEMA", "REJECT_SCHEMA", "NOTE_SCHEMA",
+           "LAYOUTS",
            "load_sample"]
 
 # Order matters: loco is a refinement of mvtec.
@@ -59,8 +62,29 @@ def _root(dataset_root: Any) -> Path:
     return root.resolve()
 
 
+def no_layout_message(cat_dir: Path) -> str:
+    """What a category folder that matches no layout holds, and which layouts were tried (one line)."""
+    has_tree = (cat_dir / "train" / "good").is_dir() and (cat_dir / "test").is_dir()
+    if has_tree and not (cat_dir / "ground_truth").exists():
+        types = sorted(p.name for p in (cat_dir / "test").iterdir() if p.is_dir() and p.name != "good")
+        return (f"{cat_dir} has image-level labels only (test/{{{','.join(types)}}}/ without ground_truth/ masks): "
+                f"every stage here starts from pixel masks of real defects (support set, target masks, pixel "
+                f"metrics), so this category cannot run yet; add ground_truth/<type>/<stem>_mask.png for at least "
+                f"the first third of each type's images (the support set)")
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in cat_dir.iterdir() if not p.name.startswith("."))
+    shown = ", ".join(entries[:12]) + (f", ... ({len(entries)} entries)" if len(entries) > 12 else "")
+    return (f"{cat_dir} matches no dataset layout: it holds {shown or 'nothing'}; tried "
+            f"{', '.join(_FOLDER_LAYOUTS)} ({_HINT})")
+
+
 def _detect_folder(cat_dir: Path) -> str | None:
     return next((name for name, mod in _FOLDER_LAYOUTS.items() if mod.detect(cat_dir)), None)
+
+
+def detect_layout(folder: Any) -> str | None:
+    """"visa" for a VisA root, the layout of a category folder, or None."""
+    folder = Path(folder)
+    return "visa" if visa.detect(folder) else _detect_folder(folder)
 
 
 def discover_categories(dataset_root: Any) -> list[tuple[str, str]]:
@@ -69,6 +93,7 @@ def discover_categories(dataset_root: Any) -> list[tuple[str, str]]:
     if visa.detect(root):
         return [(_safe(c, root / c), "visa") for c in visa.categories(root)]
     found, skipped = [], []
+    hidden = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("."))
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         layout = _detect_folder(d)
         if layout is None:
@@ -80,9 +105,15 @@ def discover_categories(dataset_root: Any) -> list[tuple[str, str]]:
         if own:
             raise ValueError(f"{root} is itself a category folder ({own} layout); pass its parent {root.parent} "
                              f"as the dataset root")
+        image_level = [d for d in sorted(root.iterdir()) if d.is_dir() and "image-level" in no_layout_message(d)]
+        if image_level:
+            raise ValueError(no_layout_message(image_level[0]))
         raise ValueError(f"no category folder with a known layout under {root}; {_HINT}")
     if skipped:
         warnings.warn(f"{root}: skipped folders that match no dataset layout: {skipped}; {_HINT}", stacklevel=2)
+    if hidden:
+        warnings.warn(f"{root}: skipped hidden folders {hidden} (names starting with '.' are never categories)",
+                      stacklevel=2)
     return found
 
 
@@ -114,7 +145,7 @@ def ingest_category(dataset_root: Any, category: str, layout: str = "auto",
                                 f"{sorted(p.name for p in root.iterdir() if p.is_dir())}")
     detected = _detect_folder(cat_dir)
     if detected is None:
-        raise ValueError(f"{cat_dir} matches no dataset layout; {_HINT}")
+        raise ValueError(no_layout_message(cat_dir))
     if layout not in ("auto", detected):
         raise ValueError(f"{cat_dir} does not look like the {layout!r} layout (it looks like {detected!r}); "
                          f"pass layout='auto' or fix the folder structure ({_HINT})")

@@ -2,6 +2,16 @@
 
 Layout modules only walk folders (cheap); :func:`process` decodes every file, so it owns validation, the
 progress bar, unions of multi-mask images and the reject rows.
+
+Hostile inputs, decided per case (each visible in ``rejects`` or ``notes``, ``NOTE_SCHEMA``):
+- hidden entries (names starting with "."; including one named ``..%2Fescape``): skipped, one note each (OS
+  droppings such as .DS_Store and ._* resource forks too: a skipped file should never be a surprise);
+- alpha channels, grayscale / palette / CMYK images among RGB ones: kept, converted to RGB on load, one note each;
+- names with spaces or non-ASCII characters: kept (outputs are named by index, never by the source name), noted
+  so that tools downstream that split on spaces are warned;
+- an image whose pixel count is more than ``SIZE_OUTLIER_FACTOR`` times off the category's median (one 4096^2
+  scan among 64^2 crops): rejected, because every later stage works at one resolution and the outlier would
+  cost memory and be squashed; the fix names the median size.
 """
 from __future__ import annotations
 
@@ -36,6 +46,13 @@ RAW_SCHEMA = pa.schema([
     ("mask_count", pa.int32()),     # mask files unioned into mask_path, 0 for good
 ])
 
+NOTE_SCHEMA = pa.schema([
+    ("category", pa.string()),
+    ("path", pa.string()),  # relative to dataset_root where possible
+    ("note", pa.string()),  # what was found and what was done about it
+])
+SIZE_OUTLIER_FACTOR = 16.0
+
 REJECT_SCHEMA = pa.schema([
     ("category", pa.string()),
     ("path", pa.string()),    # relative to dataset_root where possible
@@ -48,6 +65,7 @@ REJECT_SCHEMA = pa.schema([
 class IngestResult:
     rows: pd.DataFrame     # RAW_SCHEMA
     rejects: pd.DataFrame  # REJECT_SCHEMA
+    notes: pd.DataFrame = field(default_factory=lambda: NOTE_SCHEMA.empty_table().to_pandas())  # NOTE_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -63,9 +81,18 @@ class Entry:
 class Listing:
     entries: list[Entry] = field(default_factory=list)
     rejects: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, reason, fix)
+    notes: list[tuple[Path, str]] = field(default_factory=list)  # (path, note)
 
     def reject(self, path: Path, code: str, detail: str, fix: str) -> None:
         self.rejects.append((path, f"{code}: {detail}", fix))
+
+    def visible(self, folder: Path) -> list[Path]:
+        """The entries of ``folder`` that are data, sorted; hidden ones are skipped with a note each."""
+        entries = sorted(folder.iterdir())
+        for p in entries:
+            if v.is_hidden(p):
+                self.notes.append((p, f"hidden {'folder' if p.is_dir() else 'file'} skipped"))
+        return [p for p in entries if not v.is_hidden(p)]
 
 
 def list_folder(listing: Listing, folder: Path, split: str, defect_type: str, id_prefix: str,
@@ -74,7 +101,7 @@ def list_folder(listing: Listing, folder: Path, split: str, defect_type: str, id
 
     ``find_masks(image_path) -> list[Path]`` is called for defect folders.
     """
-    files = [p for p in sorted(folder.iterdir()) if not v.is_hidden(p)]
+    files = listing.visible(folder)
     images = [p for p in files if p.is_file() and v.is_image_file(p)]
     for p in files:
         if p.is_dir():
@@ -118,6 +145,7 @@ def process(root: Path, category: str, layout: str, listing: Listing, rule: v.Ma
             cache_dir: Path | None = None) -> IngestResult:
     rows: list[dict] = []
     rejects = list(listing.rejects)
+    notes = list(listing.notes)
     seen: set[str] = set()
     with progress_bar(f"ingest {category}", total=len(listing.entries), unit="img") as bar:
         for e in listing.entries:
@@ -127,24 +155,49 @@ def process(root: Path, category: str, layout: str, listing: Listing, rule: v.Ma
                                 "two files share a name stem (e.g. 000.png and 000.jpg); keep one"))
                 continue
             try:
-                row = _row(root, category, layout, e, rule, cache_dir)
+                row, image_notes = _row(root, category, layout, e, rule, cache_dir)
             except v.Problem as p:
                 rejects.append((p.path or e.image, p.reason, p.fix))
                 continue
             seen.add(e.image_id)
             rows.append(row)
+            notes += [(e.image, n) for n in image_notes]
+            if not e.image.name.isascii() or " " in e.image.name:
+                notes.append((e.image, "name with spaces or non-ASCII characters: kept (outputs are named by index)"))
+    rows = _drop_size_outliers(root, rows, rejects)
     return IngestResult(_frame(rows, RAW_SCHEMA, ["category", "split", "defect_type", "image_id"]),
                         _frame([{"category": category, "path": _rel(root, p), "reason": r, "fix": f}
-                                for p, r, f in rejects], REJECT_SCHEMA, ["path", "reason"]))
+                                for p, r, f in rejects], REJECT_SCHEMA, ["path", "reason"]),
+                        _frame([{"category": category, "path": _rel(root, p), "note": n} for p, n in notes],
+                               NOTE_SCHEMA, ["path", "note"]))
 
 
-def _row(root: Path, category: str, layout: str, e: Entry, rule: v.MaskRule, cache_dir: Path | None) -> dict:
+def _drop_size_outliers(root: Path, rows: list[dict], rejects: list) -> list[dict]:
+    if not rows:
+        return rows
+    pixels = np.array([r["width"] * r["height"] for r in rows], dtype=np.float64)
+    median = float(np.median(pixels))
+    typical = rows[int(np.argmin(np.abs(pixels - median)))]
+    kept = []
+    for row, n in zip(rows, pixels):
+        if max(n / median, median / n) > SIZE_OUTLIER_FACTOR:
+            rejects.append((root / row["image_path"], f"{v.SIZE_OUTLIER}: {row['width']}x{row['height']} among images "
+                            f"of about {typical['width']}x{typical['height']}",
+                            f"resize it (and its mask) to about {typical['width']}x{typical['height']} or move it "
+                            f"to its own category"))
+        else:
+            kept.append(row)
+    return kept
+
+
+def _row(root: Path, category: str, layout: str, e: Entry, rule: v.MaskRule,
+         cache_dir: Path | None) -> tuple[dict, tuple[str, ...]]:
     info = v.read_image(e.image)
     row = {"image_id": e.image_id, "category": category, "split": e.split, "defect_type": e.defect_type,
            "dataset_root": str(root), "layout": layout, "image_path": _rel(root, e.image), "mask_path": None,
            "width": info.width, "height": info.height, "sha256": info.sha256, "mask_area": 0.0, "mask_count": 0}
     if e.defect_type == "good":
-        return row
+        return row, info.notes
     if not e.masks:
         raise _at(v.Problem(v.MISSING_MASK, "defect image without a mask file",
                             "add its mask (see the layout in ops.ingest) or move the image to good/"), e.image)
@@ -159,7 +212,7 @@ def _row(root: Path, category: str, layout: str, e: Entry, rule: v.MaskRule, cac
     row["mask_count"] = len(masks)
     row["mask_path"] = _rel(root, e.masks[0]) if len(masks) == 1 else _write_union(root, category, e, union,
                                                                                       cache_dir)
-    return row
+    return row, info.notes
 
 
 def _write_union(root: Path, category: str, e: Entry, union: np.ndarray, cache_dir: Path | None) -> str:

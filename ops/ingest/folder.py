@@ -37,7 +37,7 @@ def list_entries(root: Path, category: str) -> Listing:
     list_folder(listing, cat_dir / "good", "train", "good", "train/good")
     if (cat_dir / "test_good").is_dir():
         list_folder(listing, cat_dir / "test_good", "test", "good", "test/good")
-    for type_dir in sorted(p for p in (cat_dir / "defects").iterdir() if not v.is_hidden(p)):
+    for type_dir in listing.visible(cat_dir / "defects"):
         if not type_dir.is_dir():
             listing.reject(type_dir, v.UNSUPPORTED, "file directly in defects/",
                            "defect images go into defects/<defect type>/; move or delete it")

@@ -40,7 +40,7 @@ def walk(cat_dir: Path, folders: list[tuple[str, str]], masks_of: Callable[[Path
         base = cat_dir / folder
         if not base.is_dir():
             continue
-        for type_dir in sorted(p for p in base.iterdir() if not v.is_hidden(p)):
+        for type_dir in listing.visible(base):
             if not type_dir.is_dir():
                 listing.reject(type_dir, v.UNSUPPORTED, f"file directly in {folder}/",
                                f"images go into {folder}/<defect type>/; move or delete it")

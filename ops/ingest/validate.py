@@ -19,11 +19,19 @@ Choices:
   "labels" rule takes any non-zero value as defect.
 - A mask with no defect pixel on a defect image is rejected: it carries no location to learn from.
 - Colour masks are accepted only when the three channels are equal; an alpha channel is ignored.
+- Decompression bombs: an image over PIL's ``MAX_IMAGE_PIXELS`` is rejected before it is decoded (PIL only warns
+  between 1x and 2x the limit; here the warning is an error too), so one hostile file cannot exhaust memory.
+- A file that cannot be read at all (permission denied, I/O error) is a reject naming the file, not a crash.
+- Images that need normalising are kept with a note (``notes`` in :class:`ImageInfo`, the ``raw_defect_notes``
+  manifest): an alpha channel is dropped (training and generation use RGB) and grayscale/palette/CMYK images are
+  converted to RGB when they are loaded.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +44,9 @@ IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 IMAGE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
 
 UNREADABLE = "unreadable image"
+NO_ACCESS = "cannot read file"
+BOMB = "decompression bomb"
+SIZE_OUTLIER = "size outlier"
 UNREADABLE_MASK = "unreadable mask"
 BAD_MODE = "unsupported image mode"
 SIZE_MISMATCH = "mask size mismatch"
@@ -53,6 +64,7 @@ OUTSIDE_ROOT = "path outside dataset root"
 BAD_CSV_ROW = "bad csv row"
 
 MaskRule = Literal["binary", "labels"]
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 class Problem(Exception):
@@ -70,6 +82,7 @@ class ImageInfo:
     width: int
     height: int
     sha256: str
+    notes: tuple[str, ...] = ()  # normalisations applied when the image is loaded (module doc)
 
 
 def is_image_file(path: Path) -> bool:
@@ -91,29 +104,56 @@ def _strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise Problem(NO_ACCESS, f"{type(e).__name__}: {e.strerror}",
+                      f"make {path.name} readable by this user (e.g. chmod a+r) or delete it") from None
+
+
 def _decode(data: bytes, path: Path, code: str) -> Image.Image:
     try:
-        with _strict_decoding():
+        with _strict_decoding(), warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             im.load()
         return im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise Problem(BOMB, _BUFFER_REPR.sub(path.name, str(e).split(" could be")[0]),
+                      f"{path.name} is larger than PIL's limit Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}: "
+                      f"downscale it, or raise the limit if you trust the file") from None
     except Exception as e:  # noqa: BLE001 - see module docstring
-        raise Problem(code, f"{type(e).__name__}: {e}",
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x7f...>"): name the file instead, so the
+        # reason is readable and identical on every run
+        detail = _BUFFER_REPR.sub(path.name, str(e))
+        raise Problem(code, f"{type(e).__name__}: {detail}",
                       f"re-export or re-download {path.name} (it is truncated or not an image), or delete it")
 
 
 def read_image(path: Path) -> ImageInfo:
     """Decode an image completely; returns its size and the sha256 of the file bytes."""
-    data = path.read_bytes()
+    data = _read(path)
     im = _decode(data, path, UNREADABLE)
     if im.mode not in IMAGE_MODES:
         raise Problem(BAD_MODE, f"mode {im.mode!r}", "save it as 8-bit RGB or grayscale PNG/JPEG")
-    return ImageInfo(width=im.width, height=im.height, sha256=hashlib.sha256(data).hexdigest())
+    return ImageInfo(width=im.width, height=im.height, sha256=hashlib.sha256(data).hexdigest(), notes=_notes(im))
+
+
+def _notes(im: Image.Image) -> tuple[str, ...]:
+    notes = []
+    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        seen = float((alpha < 255).mean())
+        notes.append(f"alpha channel dropped ({seen:.0%} of pixels not opaque): RGB values used as stored")
+    if im.mode not in ("RGB", "RGBA"):
+        notes.append(f"mode {im.mode} converted to RGB when loaded")
+    return tuple(notes)
 
 
 def read_mask(path: Path, size: tuple[int, int], rule: MaskRule = "binary") -> np.ndarray:
     """Decode a mask, check it against the image ``size`` (width, height) and return it as bool HxW."""
-    im = _decode(path.read_bytes(), path, UNREADABLE_MASK)
+    im = _decode(_read(path), path, UNREADABLE_MASK)
     if im.size != tuple(size):
         raise Problem(SIZE_MISMATCH, f"mask is {im.width}x{im.height}, image is {size[0]}x{size[1]}",
                       "the mask must have the image's exact size; regenerate it at full resolution")

@@ -199,7 +199,7 @@ class APO(Method):
                 "T": int(scheduler.config.num_train_timesteps), "beta": cfg.beta, "train_steps": cfg.train_steps,
                 "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "model_id": backbone.model_id,
                 "resolution": backbone.resolution, "support_ids": sorted(s.image_id for s in samples),
-                "losses": result.losses, "resumed_from": result.resumed_from, "seconds": result.seconds,
+                "losses": result.losses, "resumed_from": result.resumed_from,
                 "weights": weights.name}
         write_bytes_atomic(dt_dir / "taca.json", json.dumps(info, indent=1).encode())
         return _summary(dt, info, skipped=False)

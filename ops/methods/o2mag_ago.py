@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ops.atomic import write_bytes_atomic
+from ops.atomic import canonical_safetensors, write_bytes_atomic
 from ops.diffusion.training import TrainResult, denoising_loss, train
 from ops.diffusion.vae import encode, image_key
 from ops.methods.base import Progress
@@ -90,7 +90,8 @@ def save_embedding(path: Path, embedding: torch.Tensor, meta: dict[str, Any]) ->
     from safetensors.torch import save
 
     tensor = embedding.detach().to("cpu", torch.float32).reshape(embedding.shape[-2:]).contiguous()
-    write_bytes_atomic(path, save({TENSOR_NAME: tensor}, metadata={"o2mag": json.dumps(meta, sort_keys=True)}))
+    data = save({TENSOR_NAME: tensor}, metadata={"o2mag": json.dumps(meta, sort_keys=True)})
+    write_bytes_atomic(path, canonical_safetensors(data))
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -142,7 +143,7 @@ def fit_reference(backbone: Any, image: np.ndarray, image_id: str, prompt: str, 
     meta = {"format": FORMAT_VERSION, "key": key, "image_id": image_id, "image_sha256": summary["image_sha256"],
             "prompt": prompt, "model_id": backbone.model_id, "resolution": backbone.resolution,
             **asdict(settings), "losses": losses, "loss_first": losses[0] if losses else None,
-            "loss_last5": float(np.mean(losses[-5:])) if losses else None, "seconds": result.seconds}
+            "loss_last5": float(np.mean(losses[-5:])) if losses else None}  # no timing: reruns give equal bytes
     save_embedding(path, emb, meta)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     if ckpt_dir.parent.is_dir() and not any(ckpt_dir.parent.iterdir()):
