@@ -1,7 +1,8 @@
 """The ``anomaly-forge`` console script.
 
 Commands: ``demo`` (whole lineage on the embedded data), ``add-category`` (new partition + its lineage on the
-instance in ``$DAGSTER_HOME``), ``materialize`` (the lineage for existing partitions), ``list-methods``.
+instance in ``$DAGSTER_HOME``), ``materialize`` (the lineage for existing partitions), ``list-methods``,
+``export`` (a partition's synthetic data as an MVTec AD tree), ``predict`` (score images with an exported detector).
 
 Choices:
 - ``add-category`` and ``materialize`` need ``DAGSTER_HOME`` (runs must land in the instance the UI reads); they
@@ -115,6 +116,25 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return _run(categories, _csv(args.methods))
 
 
+def _storage(root: str | None):
+    from ops.storage import Storage
+    from resources.storage import storage_root_from_env
+
+    return Storage(root or storage_root_from_env())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ops.export import export_mvtec
+
+    try:
+        target = export_mvtec(_storage(args.storage), args.category, args.method, args.out, mask=args.mask,
+                              overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"export: {e}") from None
+    print(f"wrote {target} (MVTec AD layout: train/good, test/<defect type>, ground_truth/<defect type>)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-forge", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list-methods", help="list the registered generation methods")
     lst.set_defaults(func=cmd_list_methods)
+
+    exp = sub.add_parser("export", help="write a category x method partition's synthetic data as an MVTec AD tree")
+    exp.add_argument("--category", required=True)
+    exp.add_argument("--method", required=True)
+    exp.add_argument("--out", required=True, help="dataset root to write; the tree goes to OUT/<category>")
+    exp.add_argument("--mask", choices=["final", "method"], default="final",
+                     help="final = refined mask the detectors train on (default); method = the method's own mask")
+    exp.add_argument("--storage", help="storage root (default: $ANOMALY_FORGE_STORAGE or $ANOMALY_FORGE_HOME/storage)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT/<category>")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 
