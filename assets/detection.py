@@ -99,6 +99,34 @@ def detector_evaluation_complete(detector_evaluation: pd.DataFrame) -> dg.AssetC
                         rows=len(detector_evaluation))
 
 
+@dg.asset(partitions_def=category_method_partitions, pool=GPU_POOL, op_tags=GPU_TAGS, group_name="detection",
+          kinds={"pytorch", "parquet"})
+def deployed_detector(context: dg.AssetExecutionContext, anomaly_detectors: pd.DataFrame,
+                      detector_evaluation: pd.DataFrame, settings: ForgeSettings,
+                      storage: StorageResource) -> dg.Output[pd.DataFrame]:
+    """The partition's best detector (chosen on validation, never on test) exported as anomalib deploys it: torch,
+    ONNX and OpenVINO where those packages are installed; its deploy.json records input size and normalisation.
+    Score new images with: anomaly-forge predict --detector <deploy folder> IMAGES."""
+    import json
+
+    from ops.detection.deploy import export_best
+
+    category, method = split_key(context.partition_key)
+    store = storage.get()
+    df = export_best(store, category, method, anomaly_detectors, detector_evaluation,
+                     formats=_config(settings).deploy_formats)
+    row = df.iloc[0]
+    skipped = json.loads(row["skipped_json"])
+    return dg.Output(df, metadata={
+        "detector": f"{row['row_label']} / {row['detector']}", "selected_by": row["selected_by"],
+        "val_score": number(row["val_score"]), "test_image_auroc": number(row["image_auroc"]),
+        "input_size": f"{row['input_height']}x{row['input_width']}", "input_format": row["input_format"],
+        "normalization": row["normalization_json"] if row["normalization_json"] != "{}" else "none",
+        "formats": ", ".join(f for f in ("torch", "onnx", "openvino") if row[f"{f}_path"]),
+        "skipped_formats": "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "none",
+        "deploy": dg.MetadataValue.path(str(store.path(row["deploy_path"])))})
+
+
 ALL_EVALUATIONS = dg.AssetIn("detector_evaluation", partition_mapping=dg.AllPartitionMapping(),
                              metadata={ALLOW_MISSING: True})
 
@@ -136,5 +164,5 @@ def method_comparison(quality_summary: pd.DataFrame, detector_summary: pd.DataFr
     return dg.Output(df, metadata={"rows": len(df), "per_method": table_metadata(headline(df))})
 
 
-ASSETS = [anomaly_detectors, detector_evaluation, detector_summary, method_comparison]
+ASSETS = [anomaly_detectors, detector_evaluation, deployed_detector, detector_summary, method_comparison]
 CHECKS = [anomaly_detectors_valid, detector_evaluation_complete]

@@ -135,6 +135,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ops.detection.deploy import predict
+    from ops.viz import markdown_table
+
+    try:
+        df = predict(args.detector, args.images, fmt=args.format)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"predict: {e}") from None
+    if args.out:
+        df.to_csv(args.out, index=False)
+    print(markdown_table(df, max_rows=len(df)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-forge", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--storage", help="storage root (default: $ANOMALY_FORGE_STORAGE or $ANOMALY_FORGE_HOME/storage)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT/<category>")
     exp.set_defaults(func=cmd_export)
+
+    pred = sub.add_parser("predict", help="score images with a deployed detector (asset deployed_detector)")
+    pred.add_argument("--detector", required=True,
+                      help="deploy folder <storage root>/detectors/<category>/<method>/deploy or its deploy.json")
+    pred.add_argument("--format", choices=["torch", "onnx"], default="torch", help="which export to run (default torch)")
+    pred.add_argument("--out", help="also write the scores to this CSV file")
+    pred.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    pred.set_defaults(func=cmd_predict)
     return parser
 
 
