@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ops.detection.deploy import choose_best, export_best, load_images, predict
-from ops.detection.stage import evaluate_detectors, loaded_detector, train_detectors
+from ops.detection.stage import loaded_detector, train_detectors
 from ops.generation import fit_adapter, synthesize_partition
 from ops.storage import Storage
 from pipelines import cli
@@ -24,7 +24,8 @@ def trained(tmp_path_factory, demo_split, demo_root):
     adapters = fit_adapter(storage, "brick", "cutpaste", demo_split, None, {}, progress=lambda *a: None)
     synthetic = synthesize_partition(storage, "brick", "cutpaste", demo_split, adapters, None, n=6, seed=0, cfg={})
     det = train_detectors(storage, "brick", "cutpaste", demo_split, synthetic, None, CFG)
-    ev = evaluate_detectors(storage, demo_split, det, CFG)
+    # evaluation rows only as far as deployment reads them (the real evaluation is tested in test_detection_train)
+    ev = det[["detector", "checkpoint_path"]].assign(image_auroc=[0.75, 0.5][:len(det)], pixel_ap=0.25)
     images = [str(demo_root / "brick" / p) for p in ("test/crack/000.png", "test/good/000.png", "test/hole/001.png",
                                                      "test/stain/002.png")]
     return storage, det, ev, images
@@ -46,7 +47,7 @@ def test_exported_torch_scores_equal_in_process(trained, which):
     row = export_best(storage, "brick", "cutpaste", picked, ev, formats=["torch", "openvino"]).iloc[0]
     assert row["detector"] == which and (row["input_height"], row["input_width"]) == (64, 64)
     meta = json.loads(storage.path(row["deploy_path"]).read_text())
-    assert meta["input"]["size"] == [64, 64] and meta["files"] == {"torch": "weights/torch/model.pt"}
+    assert meta["input"]["size"] == [64, 64] and meta["files"]["torch"] == "weights/torch/model.pt"
     norm = json.loads(row["normalization_json"])
     if which == "patchcore":  # the pretrained backbone's normalisation is part of the export and recorded
         assert len(norm["mean"]) == 3 and len(norm["std"]) == 3 and meta["input"]["normalization"] == norm
@@ -56,8 +57,7 @@ def test_exported_torch_scores_equal_in_process(trained, which):
         import openvino  # noqa: F401
     except ImportError:
         assert "openvino" in json.loads(row["skipped_json"]) and row["openvino_path"] == ""
-    expected = ev[ev["detector"] == which].iloc[0]["image_auroc"]
-    assert row["image_auroc"] == pytest.approx(expected)
+    assert row["image_auroc"] == {"segmenter": 0.75, "patchcore": 0.5}[which] and row["pixel_ap"] == 0.25
     got = predict(storage.path(row["deploy_path"]).parent, images, "torch")
     det_row = picked[picked["detector"] == which].iloc[0]
     with loaded_detector(storage, det_row) as module, torch.no_grad():
