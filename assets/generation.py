@@ -8,7 +8,8 @@ Choices:
 - The backbone is loaded only for methods that declare ``needs_backbone`` (the baselines never touch torch).
 - Progress from the ops layer goes to the Dagster log at most every ``PROGRESS_EVERY_S`` seconds and at the end,
   so a long adapter training shows up in the UI without flooding the event log.
-- The preview (at most ``PREVIEW_N`` images, round-robin over defect types so every type shows) is written to
+- The preview (at most ``PREVIEW_N`` images, round-robin over defect types so every type shows, each untouched
+  beside its mask highlight: ``ops.viz.pair_grid``) is written to
   ``previews/synthetic_anomalies/<category>/<method>.png`` (outside the image folders that anomalib reads and that
   the generation stage prunes) and embedded in the Markdown metadata as a base64 data URI, which the Dagster UI
   renders inline; the metadata also carries its path.
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import dagster as dg
 import pandas as pd
 
-from assets.metadata import image_metadata
+from assets.metadata import image_metadata, number, table_metadata
 from assets.partitions import CATEGORY, GPU_POOL, GPU_TAGS, SEED_TAG, category_method_partitions, split_key
 from resources.backbone import DiffusionBackbone
 from resources.settings import ForgeSettings
@@ -72,7 +73,7 @@ def anomaly_adapters(context: dg.AssetExecutionContext, few_shot_splits: pd.Data
     row = df.iloc[0]
     return dg.Output(df, metadata={
         "adapter_path": str(row["adapter_path"]) if row["adapter_path"] is not None else "none (training-free)",
-        "n_support": int(row["n_support"]), "seconds": float(row["seconds"]),
+        "n_support": int(row["n_support"]), "seconds": number(row["seconds"]),
         "meta": dg.MetadataValue.json(json.loads(row["meta_json"])),
         "config": dg.MetadataValue.json(json.loads(row["config_json"])),
     })
@@ -83,9 +84,8 @@ def anomaly_adapters(context: dg.AssetExecutionContext, few_shot_splits: pd.Data
 def synthetic_anomalies(context: dg.AssetExecutionContext, few_shot_splits: pd.DataFrame,
                         anomaly_adapters: pd.DataFrame, settings: ForgeSettings, storage: StorageResource,
                         backbone: DiffusionBackbone) -> dg.Output[pd.DataFrame]:
-    """``n_per_partition`` synthetic defect images with masks (PNG) and their manifest."""
+    """n_per_partition synthetic defect images with their masks (PNG) and their manifest."""
     from ops.generation import synthesize_partition
-    from ops.viz import markdown_table
 
     category, method = split_key(context.partition_key)
     store = storage.get()
@@ -95,8 +95,8 @@ def synthetic_anomalies(context: dg.AssetExecutionContext, few_shot_splits: pd.D
                               target_mode=settings.target_mode)
     counts = df.groupby("defect_type").agg(images=("index", "size"), mean_mask_px=("mask_area", "mean"),
                                            seconds=("seconds", "sum")).reset_index()
-    meta: dict[str, Any] = {"images": len(df), "seconds": float(df["seconds"].sum()),
-                            "counts": dg.MetadataValue.md(markdown_table(counts))}
+    meta: dict[str, Any] = {"images": len(df), "seconds": number(df["seconds"].sum()),
+                            "counts": table_metadata(counts)}
     if len(df):
         rel = f"previews/synthetic_anomalies/{category}/{method}.png"
         meta["preview"] = image_metadata(store, rel, preview_png(store, df), "preview")
@@ -105,9 +105,9 @@ def synthetic_anomalies(context: dg.AssetExecutionContext, few_shot_splits: pd.D
 
 
 def preview_png(store: Any, df: pd.DataFrame, n: int = PREVIEW_N) -> bytes:
-    """Grid of up to ``n`` synthetic images with their mask outlines, round-robin over defect types."""
+    """Up to ``n`` synthetic images, each beside its mask highlight, round-robin over defect types."""
     from ops.samples import read_mask, read_rgb
-    from ops.viz import preview_grid
+    from ops.viz import pair_grid
 
     by_type = [g.sort_values("index") for _, g in df.groupby("defect_type", sort=True)]
     picked = []
@@ -116,7 +116,7 @@ def preview_png(store: Any, df: pd.DataFrame, n: int = PREVIEW_N) -> bytes:
     picked = picked[:n]
     images = [read_rgb(io.BytesIO(store.read_bytes(r["image_path"]))) for r in picked]
     masks = [read_mask(io.BytesIO(store.read_bytes(r["mask_path"]))) for r in picked]
-    return preview_grid(images, masks, ncols=8, cell=96)
+    return pair_grid(images, masks, ncols=4, cell=96)
 
 
 ASSETS = [anomaly_adapters, synthetic_anomalies]

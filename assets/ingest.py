@@ -20,6 +20,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from assets.metadata import check_result, table_metadata
 from assets.partitions import category_partitions
 from resources.settings import ForgeSettings
 from resources.storage import StorageResource
@@ -81,7 +82,6 @@ def raw_defect_sets(context: dg.AssetExecutionContext, settings: ForgeSettings,
     """Every readable image of one category with its mask, validated; rejected files listed with a fix."""
     from ops.ingest import NOTE_SCHEMA, REJECT_SCHEMA, ingest_category
     from ops.manifest import write_manifest
-    from ops.viz import markdown_table
 
     category = context.partition_key
     root, layout = _locate(settings, category)
@@ -93,13 +93,13 @@ def raw_defect_sets(context: dg.AssetExecutionContext, settings: ForgeSettings,
     meta: dict[str, Any] = {
         "dataset_root": root, "layout": layout, "images": len(rows), "rejects": len(result.rejects),
         "notes": len(result.notes),
-        "defect_types": sorted(set(rows["defect_type"]) - {"good"}),
-        "counts": dg.MetadataValue.md(markdown_table(_counts(rows, ["split", "defect_type"]))),
+        "defect_types": ", ".join(sorted(set(rows["defect_type"]) - {"good"})),
+        "counts": table_metadata(_counts(rows, ["split", "defect_type"])),
     }
     if len(result.rejects):
-        meta["rejected_files"] = dg.MetadataValue.md(markdown_table(result.rejects[["path", "reason", "fix"]]))
+        meta["rejected_files"] = table_metadata(result.rejects[["path", "reason", "fix"]])
     if len(result.notes):
-        meta["notes_table"] = dg.MetadataValue.md(markdown_table(result.notes[["path", "note"]]))
+        meta["notes_table"] = table_metadata(result.notes[["path", "note"]])
     return dg.Output(rows, metadata=meta, data_version=dg.DataVersion(content_version(rows)))
 
 
@@ -120,7 +120,6 @@ def content_version(rows: pd.DataFrame) -> str:
 def few_shot_splits(raw_defect_sets: pd.DataFrame, settings: ForgeSettings) -> dg.Output[pd.DataFrame]:
     """Support / holdout / train_good / test_good roles under the configured protocol (DESIGN §4)."""
     from ops.splits import make_split
-    from ops.viz import markdown_table
 
     split = make_split(raw_defect_sets, protocol=settings.split_protocol, k=settings.k_shot, seed=settings.seed)
     roles = _counts(split, ["defect_type", "role"]).pivot(index="defect_type", columns="role", values="images")
@@ -128,7 +127,7 @@ def few_shot_splits(raw_defect_sets: pd.DataFrame, settings: ForgeSettings) -> d
     return dg.Output(split, metadata={
         "protocol": settings.split_protocol, "seed": settings.seed,
         "support": int((split["role"] == "support").sum()), "holdout": int((split["role"] == "holdout").sum()),
-        "roles": dg.MetadataValue.md(markdown_table(roles)),
+        "roles": table_metadata(roles),
     })
 
 
@@ -142,12 +141,13 @@ def reject_fraction(context: dg.AssetCheckExecutionContext, raw_defect_sets: pd.
     rejects = read_manifest(path)
     total = len(raw_defect_sets) + len(rejects)
     fraction = len(rejects) / total if total else 1.0
-    return dg.AssetCheckResult(
-        passed=bool(total) and fraction <= settings.max_reject_fraction,
-        metadata={"reject_fraction": fraction, "rejects": len(rejects), "images": len(raw_defect_sets),
-                  "max_reject_fraction": settings.max_reject_fraction, "rejects_manifest": dg.MetadataValue.path(
-                      str(path))},
-        description=None if total else "no files found for this category")
+    problems = [] if total else ["no files found for this category"]
+    if total and fraction > settings.max_reject_fraction:
+        problems.append(f"{len(rejects)} of {total} files rejected ({fraction:.1%} > max_reject_fraction "
+                        f"{settings.max_reject_fraction:.1%}); see the rejects manifest for each file's fix")
+    return check_result(problems, reject_fraction=fraction, rejects=len(rejects), images=len(raw_defect_sets),
+                        max_reject_fraction=settings.max_reject_fraction,
+                        rejects_manifest=dg.MetadataValue.path(str(path)))
 
 
 @dg.asset_check(asset=few_shot_splits, partitions_def=category_partitions, blocking=True)
@@ -155,11 +155,7 @@ def no_holdout_in_support(few_shot_splits: pd.DataFrame) -> dg.AssetCheckResult:
     """No held-out (or test/good) image reaches the support set that adapters train on."""
     from ops.splits import check_no_leakage
 
-    problems = check_no_leakage(few_shot_splits)
-    return dg.AssetCheckResult(passed=not problems, metadata={
-        "problems": len(problems),
-        "details": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none"),
-    })
+    return check_result(check_no_leakage(few_shot_splits), rows=len(few_shot_splits))
 
 
 ASSETS = [raw_defect_sets, few_shot_splits]

@@ -17,7 +17,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.generation import SPLITS_BY_CATEGORY, log_progress
-from assets.metadata import image_metadata
+from assets.metadata import check_result, image_metadata, number, table_metadata
 from assets.partitions import GPU_POOL, GPU_TAGS, category_method_partitions, split_key
 from resources.settings import ForgeSettings
 from resources.storage import ALLOW_MISSING, WRITTEN_BY_ASSET, StorageResource
@@ -41,7 +41,6 @@ def refined_masks(context: dg.AssetExecutionContext, synthetic_anomalies: pd.Dat
                   storage: StorageResource) -> dg.Output[pd.DataFrame]:
     """Difference / attention / localization refinements of every synthetic mask, and the final mask."""
     from ops.masks.refine import refine_partition
-    from ops.viz import markdown_table
 
     df = refine_partition(storage.get(), synthetic_anomalies, _options(settings)[0], progress=log_progress(context))
     stats = df.groupby(["defect_type", "final_kind"]).agg(
@@ -50,7 +49,7 @@ def refined_masks(context: dg.AssetExecutionContext, synthetic_anomalies: pd.Dat
         localization_iou=("localization_iou", "mean")).reset_index()
     return dg.Output(df, metadata={
         "images": len(df), "fallbacks": int((df["final_note"] != "").sum()),
-        "per_type": dg.MetadataValue.md(markdown_table(stats))})
+        "per_type": table_metadata(stats)})
 
 
 @dg.asset_check(asset=refined_masks, partitions_def=category_method_partitions, blocking=True)
@@ -62,11 +61,10 @@ def refined_masks_valid(context: dg.AssetCheckExecutionContext, refined_masks: p
     cfg = RefineConfig.from_dict(_options(settings)[0])
     problems = check_refined(storage.get(), refined_masks, cfg.max_area_fraction)
     frac = refined_masks["final_area"] / (refined_masks["width"] * refined_masks["height"])
-    return dg.AssetCheckResult(passed=bool(len(refined_masks)) and not problems, metadata={
-        "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none"),
-        "final_area_fraction_min": float(frac.min()) if len(frac) else 0.0,
-        "final_area_fraction_median": float(frac.median()) if len(frac) else 0.0,
-        "final_area_fraction_max": float(frac.max()) if len(frac) else 0.0})
+    return check_result(problems or ([] if len(refined_masks) else ["no refined masks"]), rows=len(refined_masks),
+                        final_area_fraction_min=frac.min() if len(frac) else None,
+                        final_area_fraction_median=frac.median() if len(frac) else None,
+                        final_area_fraction_max=frac.max() if len(frac) else None)
 
 
 @dg.asset(partitions_def=category_method_partitions, ins={"few_shot_splits": SPLITS_BY_CATEGORY},
@@ -77,8 +75,7 @@ def quality_metrics(context: dg.AssetExecutionContext, few_shot_splits: pd.DataF
     """IS / FID / KID / IC-LPIPS / background preservation / mask fidelity per defect type and pooled."""
     import json
 
-    from ops.metrics.quality import QualityConfig, cached_backbones, quality_partition, quality_plot
-    from ops.viz import markdown_table
+    from ops.metrics.quality import QualityConfig, cached_backbones, not_computed, quality_partition, quality_plot
 
     category, method = split_key(context.partition_key)
     cfg = QualityConfig.from_dict(_options(settings)[1])
@@ -88,13 +85,15 @@ def quality_metrics(context: dg.AssetExecutionContext, few_shot_splits: pd.DataF
                            progress=log_progress(context))
     sources = json.loads(df["sources_json"].iloc[0])
     skipped = {k: v for k, v in sources.items() if v.startswith("skipped")}
+    table = df[SHOWN].assign(not_computed=[not_computed(s, SHOWN) for s in df["sources_json"]])
     return dg.Output(df, metadata={
-        "rows": len(df), "seconds": float(df["seconds"].iloc[0]),
-        "table": dg.MetadataValue.md(markdown_table(df[SHOWN])),
+        "rows": len(df), "seconds": number(df["seconds"].iloc[0]),
+        "not_computed": not_computed(df["sources_json"].iloc[0], SHOWN) or "none",
+        "table": table_metadata(table),
         "plot": image_metadata(store, f"previews/quality_metrics/{category}/{method}.png",
                                quality_plot(df, f"{category} / {method}"), "quality"),
         "backbones": dg.MetadataValue.json(nets.describe()),
-        "skipped_metrics": dg.MetadataValue.md("\n".join(f"- `{k}`: {v}" for k, v in sorted(skipped.items()))
+        "skipped_metrics": dg.MetadataValue.md("\n".join(f"- {k}: {v}" for k, v in sorted(skipped.items()))
                                                or "none")})
 
 
@@ -103,9 +102,7 @@ def quality_metrics_complete(quality_metrics: pd.DataFrame) -> dg.AssetCheckResu
     """Every defect type has a row, the offline metrics are finite, and every metric names its source."""
     from ops.metrics.quality import check_quality
 
-    problems = check_quality(quality_metrics)
-    return dg.AssetCheckResult(passed=not problems, metadata={
-        "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")})
+    return check_result(check_quality(quality_metrics), rows=len(quality_metrics))
 
 
 @dg.asset(ins={"quality_metrics": dg.AssetIn(partition_mapping=dg.AllPartitionMapping(),
@@ -120,7 +117,6 @@ def quality_summary(context: dg.AssetExecutionContext, quality_metrics: pd.DataF
     from ops.locks import storage_lock
     from ops.manifest import read_existing
     from ops.metrics.quality import quality_plot, summarize
-    from ops.viz import markdown_table
 
     store = storage.get()
     # Rebuilt under a lock from the partitions present NOW (not the input loaded at step start): of two runs
@@ -134,7 +130,8 @@ def quality_summary(context: dg.AssetExecutionContext, quality_metrics: pd.DataF
         plot = image_metadata(store, "previews/quality_summary.png", quality_plot(per_pair, "quality summary"),
                               "summary")
     return dg.Output(df, metadata={
-        "pairs": len(per_pair), "table": dg.MetadataValue.md(markdown_table(df)), "plot": plot})
+        "pairs": len(per_pair), "per_method": table_metadata(df[df["category"] == "__mean__"]),
+        "table": table_metadata(df), "plot": plot})
 
 
 ASSETS = [refined_masks, quality_metrics, quality_summary]

@@ -98,7 +98,10 @@ def build_demo_dataset(out_dir: str | Path, categories: Sequence[str] | None = N
                 write_bytes_atomic(root / category / "ground_truth" / kind / f"{stem}_mask.png", encode_png(mask))
             write_bytes_atomic(root / category / folder / kind / f"{stem}.png", encode_png(image))
             bar.update(1)
-    write_bytes_atomic(root / "README.txt", _readme(names, seed, size).encode())
+    # the README covers every demo category in the folder, also those of earlier builds: building a second
+    # category into an existing data folder must not drop the first one's licence attribution
+    present = [c for c in CATEGORIES if c in names or (root / c / "train" / "good").is_dir()]
+    write_bytes_atomic(root / "README.txt", _readme(present, seed, size, built=names).encode())
     return root
 
 
@@ -271,9 +274,9 @@ _PAINTERS: dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarra
 DEFECT_KINDS = tuple(_PAINTERS)
 
 
-def _readme(names: list[str], seed: int, size: int) -> str:
+def _readme(names: list[str], seed: int, size: int, built: list[str] | None = None) -> str:
     lines = ["AnomalyForge demo dataset (MVTec AD folder layout), built offline by ops/demo_data.py",
-             f"arguments: categories={names} seed={seed} size={size}", "",
+             f"last build: categories={built if built is not None else names} seed={seed} size={size}", "",
              "Source photographs: the grayscale images bundled with scikit-image (skimage.data), all released",
              "under the Creative Commons CC0 1.0 licence (public domain dedication):"]
     lines += [f"  {c}: skimage.data.{CATEGORIES[c].photo}() - {CATEGORIES[c].source}" for c in names]

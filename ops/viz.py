@@ -4,6 +4,9 @@ Choices: each image is fitted into a ``cell`` x ``cell`` square keeping its aspe
 on black); its mask is resized with nearest neighbour and its outline (mask pixels with a non-mask
 4-neighbour, thickened by one pixel outwards) is drawn in magenta, a colour rare in industrial images. The
 grid is min(n, ncols) cells wide and ceil(n / ncols) high with no gaps, so its size is predictable.
+``pair_grid`` shows each defect as two cells side by side, the untouched image and the same image dimmed to
+``DIM`` outside the mask with a 1-pixel outline, so a thin scratch is never hidden under its own outline; pairs
+are separated by a ``PAIR_GAP``-pixel grey gutter.
 ``markdown_table`` is hand-written (``DataFrame.to_markdown`` needs ``tabulate``, which the project does
 not pin): floats with 4 significant digits, numbers right-aligned, ``|`` escaped, newlines flattened.
 """
@@ -18,6 +21,9 @@ import pandas as pd
 from PIL import Image
 
 OUTLINE = (255, 0, 255)
+DIM = 0.3
+PAIR_GAP = 4
+GUTTER = 64
 
 
 def preview_grid(images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None = None, ncols: int = 8,
@@ -41,7 +47,28 @@ def preview_grid(images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None
     return buf.getvalue()
 
 
-def _tile(image: np.ndarray, mask: np.ndarray | None, cell: int) -> np.ndarray:
+def pair_grid(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], ncols: int = 4, cell: int = 96) -> bytes:
+    """PNG bytes: ``ncols`` pairs per row, each the untouched image beside its mask highlight (see module doc)."""
+    if len(images) == 0:
+        raise ValueError("pair_grid needs at least one image")
+    if len(masks) != len(images):
+        raise ValueError(f"pair_grid got {len(images)} images but {len(masks)} masks")
+    if ncols < 1 or cell < 4:
+        raise ValueError(f"ncols must be >= 1 and cell >= 4, got {ncols}, {cell}")
+    cols, rows = min(ncols, len(images)), math.ceil(len(images) / ncols)
+    pair_w = 2 * cell + PAIR_GAP
+    canvas = np.full((rows * (cell + PAIR_GAP) - PAIR_GAP, cols * pair_w - PAIR_GAP, 3), GUTTER, dtype=np.uint8)
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        r, c = divmod(i, ncols)
+        y, x = r * (cell + PAIR_GAP), c * pair_w
+        canvas[y:y + cell, x:x + cell] = _tile(image, None, cell)
+        canvas[y:y + cell, x + cell:x + 2 * cell] = _tile(image, mask, cell, highlight=True)
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tile(image: np.ndarray, mask: np.ndarray | None, cell: int, highlight: bool = False) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
@@ -60,7 +87,11 @@ def _tile(image: np.ndarray, mask: np.ndarray | None, cell: int) -> np.ndarray:
         small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((tw, th), Image.Resampling.NEAREST)) > 0
         full = np.zeros((cell, cell), dtype=bool)
         full[y0:y0 + th, x0:x0 + tw] = small
-        tile[outline(full)] = OUTLINE
+        if highlight:  # dim the surroundings, keep the defect at full brightness, a 1-pixel outer outline
+            tile = np.where(full[..., None], tile, (tile * DIM).astype(np.uint8))
+            tile[outline(full) & ~full] = OUTLINE
+        else:
+            tile[outline(full)] = OUTLINE
     return tile
 
 

@@ -2,7 +2,8 @@
 
 Commands: ``demo`` (whole lineage on the embedded data), ``add-category`` (new partition + one asset backfill of
 its lineage on the instance in ``$DAGSTER_HOME``, executed by the daemon; ``--in-process`` runs it here instead),
-``materialize`` (the lineage for existing partitions), ``list-methods``.
+``materialize`` (the lineage for existing partitions), ``list-methods``, ``train-base`` (train forge-base),
+``export`` (a partition's synthetic data as an MVTec AD tree), ``predict`` (score images with an exported detector).
 
 Choices:
 - ``add-category`` and ``materialize`` need ``DAGSTER_HOME`` (runs must land in the instance the UI reads); they
@@ -150,6 +151,39 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return _run(categories, methods)
 
 
+def _storage(root: str | None):
+    from ops.storage import Storage
+    from resources.storage import storage_root_from_env
+
+    return Storage(root or storage_root_from_env())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ops.export import export_mvtec
+
+    try:
+        target = export_mvtec(_storage(args.storage), args.category, args.method, args.out, mask=args.mask,
+                              overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"export: {e}") from None
+    print(f"wrote {target} (MVTec AD layout: train/good, test/<defect type>, ground_truth/<defect type>)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ops.detection.deploy import predict
+    from ops.viz import markdown_table
+
+    try:
+        df = predict(args.detector, args.images, fmt=args.format)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"predict: {e}") from None
+    if args.out:
+        df.to_csv(args.out, index=False)
+    print(markdown_table(df, max_rows=len(df)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-forge", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +227,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list-methods", help="list the registered generation methods")
     lst.set_defaults(func=cmd_list_methods)
+
+    exp = sub.add_parser("export", help="write a category x method partition's synthetic data as an MVTec AD tree")
+    exp.add_argument("--category", required=True)
+    exp.add_argument("--method", required=True)
+    exp.add_argument("--out", required=True, help="dataset root to write; the tree goes to OUT/<category>")
+    exp.add_argument("--mask", choices=["final", "method"], default="final",
+                     help="final = refined mask the detectors train on (default); method = the method's own mask")
+    exp.add_argument("--storage", help="storage root (default: $ANOMALY_FORGE_STORAGE or $ANOMALY_FORGE_HOME/storage)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT/<category>")
+    exp.set_defaults(func=cmd_export)
+
+    pred = sub.add_parser("predict", help="score images with a deployed detector (asset deployed_detector)")
+    pred.add_argument("--detector", required=True,
+                      help="deploy folder <storage root>/detectors/<category>/<method>/deploy or its deploy.json")
+    pred.add_argument("--format", choices=["torch", "onnx"], default="torch", help="which export to run (default torch)")
+    pred.add_argument("--out", help="also write the scores to this CSV file")
+    pred.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    pred.set_defaults(func=cmd_predict)
+
     # --debug before or after the command name (SUPPRESS: a sub-parser must not reset the main parser's value)
     for p in [parser, *sub.choices.values()]:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -150,7 +150,9 @@ def _manifest(storage: Any, asset: str, key: str | None) -> pd.DataFrame | None:
 
 
 def summary_table(storage: Any, categories: Sequence[str], methods: Sequence[str]) -> pd.DataFrame:
-    """category x method: synthetic image count, key quality metrics and detector scores where they exist."""
+    """category x method: synthetic image count, key quality metrics and, from the ``detector_summary`` asset, the
+    detector scores where they exist."""
+    detectors = _manifest(storage, "detector_summary", None)
     rows = []
     for c in categories:
         for m in methods:
@@ -164,31 +166,31 @@ def summary_table(storage: Any, categories: Sequence[str], methods: Sequence[str
                 for col in QUALITY_KEYS:
                     if col in pooled and len(pooled):
                         row[col] = pooled[col].iloc[0]
-            evaluation = _manifest(storage, "detector_evaluation", key)
-            if evaluation is not None and "detector" in evaluation:
-                for name, group in evaluation.groupby("detector", sort=True):
+            if detectors is not None:
+                # this method's detectors and the category's no-synthetic-data reference, as before
+                mine = detectors[(detectors["category"] == c) & detectors["method"].isin([m, "none"])]
+                for r in mine.itertuples(index=False):
                     for col in DETECTION_KEYS:
-                        if col in group:
-                            row[f"{name} {col}"] = group[col].mean()
+                        row[f"{r.detector} {col}"] = getattr(r, col)
             rows.append(row)
     df = pd.DataFrame(rows)
     return df.dropna(axis=1, how="all")
 
 
-def _detection_report(storage: Any, categories: Sequence[str], methods: Sequence[str]) -> str | None:
-    try:
-        from ops.detection.report import write_report
-    except ModuleNotFoundError as e:
-        if e.name == "ops.detection.report":
-            return None
-        raise
-    frames = [f for c in categories for m in methods
-              if (f := _manifest(storage, "detector_evaluation", f"{c}|{m}")) is not None]
-    return str(write_report(storage, pd.concat(frames, ignore_index=True))) if frames else None
+def detector_ranking(storage: Any) -> tuple[pd.DataFrame | None, str | None]:
+    """The ranked per-method rows of the ``detector_summary`` asset and the report it wrote (None: not there)."""
+    summary = _manifest(storage, "detector_summary", None)
+    if summary is None:
+        return None, None
+    from ops.detection.report import REPORT_MD
+    from ops.detection.summary import ranking
+
+    report = storage.path(REPORT_MD)
+    return ranking(summary), str(report) if report.exists() else None
 
 
 def report_markdown(out: Path, steps: Sequence[StepResult], summary: pd.DataFrame, settings: dict[str, Any],
-                    detection_report: str | None) -> str:
+                    detection_report: str | None, ranking: pd.DataFrame | None = None) -> str:
     from ops.viz import markdown_table
 
     step_df = pd.DataFrame([{"job": s.job, "partition": s.partition or "(all)", "status": s.status,
@@ -201,8 +203,11 @@ def report_markdown(out: Path, steps: Sequence[StepResult], summary: pd.DataFram
         + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
         f"> {disclaimer(str(settings.get('backbone', '')))}", "",
         "## Summary (category x method)", "", markdown_table(summary, max_rows=500), "",
-        "## Steps", "", markdown_table(step_df, max_rows=1000), "",
     ]
+    if ranking is not None:
+        lines += ["## Detectors ranked by mean image AUROC over categories (asset detector_summary)", "",
+                  markdown_table(ranking, max_rows=500), ""]
+    lines += ["## Steps", "", markdown_table(step_df, max_rows=1000), ""]
     if detection_report:
         lines += [f"Detector report: `{detection_report}`", ""]
     lines += ["## Look at it in the Dagster UI", "", "```bash",
@@ -249,10 +254,11 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
                             start=t0)
     storage = Storage(storage_root)
     summary = summary_table(storage, categories, methods)
-    detection_report = _detection_report(storage, categories, methods)
+    ranking, detection_report = detector_ranking(storage)
     shown = {"categories": ",".join(categories), "methods": ",".join(methods), "n": n, "size": size,
              "seed": seed, "backbone": defs.resources["backbone"].model, **(settings or {})}
-    write_bytes_atomic(out / "report.md", report_markdown(out, steps, summary, shown, detection_report).encode())
+    write_bytes_atomic(out / "report.md", report_markdown(out, steps, summary, shown, detection_report,
+                                                            ranking).encode())
     failed = [s for s in steps if s.status != "ok"]
     echo("")
     echo(markdown_table(summary, max_rows=500))

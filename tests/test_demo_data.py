@@ -84,3 +84,12 @@ def test_bad_arguments_are_rejected(tmp_path):
         build_demo_dataset(tmp_path, size=16)
     with pytest.raises(ValueError, match="unknown defect kind"):
         draw_defect(np.zeros((64, 64, 3), np.uint8), "dent", np.random.default_rng(0))
+
+
+def test_a_second_build_keeps_the_first_categorys_attribution(tmp_path):
+    build_demo_dataset(tmp_path, ["grass"], size=32)
+    build_demo_dataset(tmp_path, ["brick"], size=32)
+    text = (tmp_path / "README.txt").read_text()
+    for c in ("grass", "brick"):
+        assert f"skimage.data.{CATEGORIES[c].photo}() - {CATEGORIES[c].source}" in text
+    assert "gravel" not in text.split("last build")[1].split("\n", 1)[1]

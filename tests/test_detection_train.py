@@ -99,7 +99,8 @@ def test_assets_materialize_with_passing_checks_and_metadata(run):
     checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"anomaly_detectors_valid": True, "detector_evaluation_complete": True}
     meta = result.asset_materializations_for_node("detector_evaluation")[0].metadata
-    assert "data:image/png;base64," in meta["plot"].value and "| no synthetic data |" in meta["table"].value
+    assert "data:image/png;base64," in meta["plot"].value and "no synthetic data" in {
+        r.data["row_label"] for r in meta["table"].records}
 
 
 def test_cutpaste_trained_segmenter_finds_held_out_real_defects(run):

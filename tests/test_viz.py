@@ -69,3 +69,20 @@ def test_markdown_table():
     assert lines[3] == "| a\\|b |  | 40 |"
     long = markdown_table(pd.DataFrame({"x": range(50)}), max_rows=10)
     assert long.count("\n| ") == 11 and "40 more rows" in long
+
+
+def test_pair_grid_keeps_the_defect_untouched_beside_its_highlight():
+    from ops.viz import DIM, PAIR_GAP, pair_grid
+
+    image = np.full((32, 32, 3), 200, np.uint8)
+    image[16, 4:28] = (10, 10, 10)  # a 1-pixel dark scratch
+    mask = np.zeros((32, 32), bool)
+    mask[16, 4:28] = True
+    grid = decode(pair_grid([image] * 3, [mask] * 3, ncols=2, cell=32))
+    assert grid.shape == (2 * 32 + PAIR_GAP, 2 * (2 * 32 + PAIR_GAP) - PAIR_GAP, 3)
+    left, right = grid[:32, :32], grid[:32, 32:64]
+    assert (left == image).all()  # the untouched image: no outline over the scratch
+    assert (right[16, 4:28] == (10, 10, 10)).all()  # the defect itself at full brightness
+    assert (right[2, 2] == int(200 * DIM)).all()  # the surroundings dimmed
+    assert (right[15, 10] == OUTLINE).all() and (right[17, 10] == OUTLINE).all()  # outline just outside
+    assert (grid[32:32 + PAIR_GAP] == 64).all()  # gutter between rows

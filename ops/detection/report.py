@@ -24,21 +24,32 @@ REPORT_MD = "reports/detectors.md"
 REPORT_PNG = "reports/detectors.png"
 REPORT_PARQUET = "reports/detectors.parquet"
 PLOTTED = ("image_auroc", "pixel_ap", "aupro")
+REFERENCE_LABEL = "no synthetic data"  # ops.detection.stage.row_label of the one-class reference
 CAVEAT = ("Detectors are trained on the normal images plus the synthetic anomalies of one method and scored on the "
           "held-out REAL defects and test/good images of the split, never seen in training or checkpoint selection. "
-          "With the embedded `tiny` diffusion backbone the diffusion methods' synthetic defects are noise-like, so "
-          "their rows measure the pipeline, not the methods; the cutpaste / perlin baselines and the one-class "
-          "reference do not use the backbone.")
+          "The diffusion methods' rows describe the backbone they ran on (forge-base in the demo: a small model "
+          "trained on a CPU, not Stable Diffusion; the untrained `tiny` one makes noise-like defects); the "
+          "cutpaste / perlin baselines and the one-class reference do not use the backbone.")
+
+
+def ordered_rows(evaluation_df: pd.DataFrame) -> pd.DataFrame:
+    """Deduplicated rows (every column) in report order."""
+    order = {REFERENCE_LABEL: 0}
+    df = evaluation_df.drop_duplicates(subset=["category", "method", "detector", "checkpoint_path"]).copy()
+    df["_rank"] = [order.get(label, 1 if base else 2) for label, base in zip(df["row_label"], df["is_baseline"])]
+    df = df.sort_values(["category", "_rank", "method", "detector"], kind="stable")
+    return df.drop(columns="_rank").reset_index(drop=True)
 
 
 def summary_table(evaluation_df: pd.DataFrame) -> pd.DataFrame:
     """Deduplicated rows in report order, with the columns worth reading."""
-    order = {"no synthetic data": 0}
-    df = evaluation_df.drop_duplicates(subset=["category", "method", "detector", "checkpoint_path"]).copy()
-    df["_rank"] = [order.get(label, 1 if base else 2) for label, base in zip(df["row_label"], df["is_baseline"])]
-    df = df.sort_values(["category", "_rank", "method", "detector"], kind="stable")
     cols = ["category", "row_label", "detector", "weak_tau", *METRIC_COLUMNS, "n_test_defective", "n_test_good", "train_seconds"]
-    return df[cols].reset_index(drop=True)
+    return ordered_rows(evaluation_df)[cols]
+
+
+def row_colour(label: str) -> str:
+    """Plot colour of a row: grey reference, orange baselines, blue generation methods."""
+    return "#bbbbbb" if label == REFERENCE_LABEL else "#ee7733" if label.startswith("baseline") else "#4477aa"
 
 
 def metrics_plot(evaluation_df: pd.DataFrame, title: str = "") -> bytes:
@@ -52,8 +63,7 @@ def metrics_plot(evaluation_df: pd.DataFrame, title: str = "") -> bytes:
     labels = [f"{c}/{r.replace('synthetic: ', '').replace('baseline: ', '')}/{d}"
               for c, r, d in zip(df["category"], df["row_label"], df["detector"])]
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(max(6.0, 0.35 * len(df) * len(PLOTTED)), 3.2), squeeze=False)
-    colours = ["#bbbbbb" if r == "no synthetic data" else "#ee7733" if r.startswith("baseline") else "#4477aa"
-               for r in df["row_label"]]
+    colours = [row_colour(r) for r in df["row_label"]]
     for ax, metric in zip(axes[0], PLOTTED):
         ax.bar(range(len(df)), df[metric].to_numpy(dtype=float), color=colours)
         ax.set_ylim(0, 1)

@@ -117,6 +117,9 @@ class DetectionConfig(MethodConfig):
     seed: int = 0
     accelerator: str = "auto"
     enable_progress_bar: bool = False
+    # formats of the deployed best detector (ops.detection.deploy); one whose package is missing is skipped, with
+    # the reason in the deployed_detector manifest
+    deploy_formats: list[str] = field(default_factory=lambda: ["torch", "onnx", "openvino"])
 
     def __post_init__(self) -> None:
         bad = [d for d in self.detectors if d not in am.DETECTORS]
@@ -405,6 +408,18 @@ def held_out_rows(split_df: pd.DataFrame) -> pd.DataFrame:
     return samples[samples["split"] == "test"].reset_index(drop=True)
 
 
+@contextmanager
+def loaded_detector(storage: Storage, det: Any) -> Iterator[Any]:
+    """The anomalib module of an ``anomaly_detectors`` row (a namedtuple or Series), its checkpoint loaded strictly."""
+    config = json.loads(det.config_json)
+    backbone = resolve_backbone(config["backbone"], _backbone_cache(storage)) if config["backbone"] else None
+    with _quiet(), tempfile.TemporaryDirectory(prefix="dtd-empty-") as dtd_dir:
+        model = am.build_model(base_detector(det.detector), config["options"], int(config["image_size"]),
+                               backbone=backbone, dtd_dir=dtd_dir, weak_tau=config["weak_tau"])
+        load_weights(model, storage.path(det.checkpoint_path))
+        yield model
+
+
 def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd.DataFrame, cfg: Any = None,
                        progress: Progress = no_progress) -> pd.DataFrame:
     """Score each detector of ``detector_df`` on the split's held-out defects; one EVALUATION_SCHEMA row each."""
@@ -421,13 +436,8 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
         if problems:
             raise ValueError(f"{det.samples_path}: detector {det.detector} was trained or selected on test images "
                              f"({problems[0]}); retrain it on this split (delete {det.config_path})")
-        config = json.loads(det.config_json)
-        backbone = resolve_backbone(config["backbone"], _backbone_cache(storage)) if config["backbone"] else None
         start = time.perf_counter()
-        with _quiet(), tempfile.TemporaryDirectory(prefix="dtd-empty-") as dtd_dir:
-            model = am.build_model(base_detector(det.detector), config["options"], int(config["image_size"]), backbone=backbone,
-                                   dtd_dir=dtd_dir, weak_tau=config["weak_tau"])
-            load_weights(model, storage.path(det.checkpoint_path))
+        with loaded_detector(storage, det) as model:
             preds = predict_rows(model, test, batch_size=cfg.eval_batch_size)
         metrics = compute_metrics(preds.scores, preds.labels, preds.maps, preds.masks, fpr_limit=cfg.aupro_fpr_limit)
         rows.append({"category": det.category, "method": det.method, "detector": det.detector,

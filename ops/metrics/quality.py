@@ -388,15 +388,33 @@ def check_quality(df: pd.DataFrame) -> list[str]:
     return problems
 
 
+def not_computed(sources_json: str, columns: Iterable[str] = SUMMARY_COLS) -> str:
+    """A short visible reason for every metric of ``columns`` that was skipped, grouped by reason
+    (e.g. "fid, kid_mean, is_mean: no weights-inception-2015-12-05-6726825d.pth"); '' when none was."""
+    import re
+
+    by_reason: dict[str, list[str]] = {}
+    for col, src in json.loads(sources_json).items():
+        if col in columns and src.startswith("skipped"):
+            found = re.search(r"weight file '([^']+)' not found", src)
+            reason = f"no {found.group(1)}" if found else src.removeprefix("skipped: ").split(";")[0][:60]
+            by_reason.setdefault(reason, []).append(col)
+    return "; ".join(f"{', '.join(cols)}: {reason}" for reason, cols in sorted(by_reason.items()))
+
+
 def summarize(quality_dfs: pd.DataFrame | Iterable[pd.DataFrame]) -> pd.DataFrame:
-    """Cross-method comparison: the pooled row of every category x method, plus each method's mean over categories."""
+    """Cross-method comparison: the pooled row of every category x method, plus each method's mean over categories;
+    ``not_computed`` names the metrics that are blank and why."""
     df = quality_dfs if isinstance(quality_dfs, pd.DataFrame) else pd.concat(list(quality_dfs), ignore_index=True)
-    pooled = df[df["defect_type"] == ALL][SUMMARY_COLS].sort_values(["category", "method"], ignore_index=True)
+    pooled = df[df["defect_type"] == ALL].sort_values(["category", "method"], ignore_index=True)
     if pooled.empty:
         raise ValueError("no pooled quality rows to summarize: materialize quality_metrics for some partitions")
+    pooled = pooled.assign(not_computed=[not_computed(s) for s in pooled["sources_json"]])[SUMMARY_COLS + ["not_computed"]]
     means = pooled.drop(columns="category").groupby("method", sort=True).mean(numeric_only=True).reset_index()
     means.insert(0, "category", "__mean__")
-    return pd.concat([pooled, means[SUMMARY_COLS]], ignore_index=True)
+    means["not_computed"] = [" | ".join(sorted(set(pooled.loc[pooled["method"] == m, "not_computed"]) - {""}))
+                             for m in means["method"]]
+    return pd.concat([pooled, means[SUMMARY_COLS + ["not_computed"]]], ignore_index=True)
 
 
 def quality_plot(df: pd.DataFrame, title: str = "") -> bytes:
