@@ -17,7 +17,7 @@ Three refinements per synthetic row, all kept (PNG + area + IoU against the targ
           ``localization_threshold``, kept inside the dilated target.
 
 Final mask: ``final[method]`` (defaults: apo -> localization, bgdisentangle -> attention, the classical baselines
--> method, every other method -> ``final_default`` = diff). ``method`` is the method's own mask (``mask_path``),
+-> method, anogen -> target (its box), every other method -> ``final_default`` = diff). ``method`` is the method's own mask (``mask_path``),
 ``target`` the target mask. When the chosen mask is missing or empty the method's own mask is used and the
 reason is written to ``final_note``, so no row silently changes kind.
 Extras are read from ``extras_json`` ({name: path relative to the storage root} or {name: {"path": ...}}); .npy,
