@@ -17,9 +17,9 @@ Three refinements per synthetic row, all kept (PNG + area + IoU against the targ
           ``localization_threshold``, kept inside the dilated target.
 
 Final mask: ``final[method]`` (defaults: apo -> localization, bgdisentangle -> attention, anogen -> target (its
-box), the classical baselines, o2mag and cadiff -> method, every other method -> ``final_default`` = diff). ``method`` is the method's own mask
-(``mask_path``), ``target`` the target mask. When the chosen mask is missing or empty the method's own mask is used
-and the reason is written to ``final_note``, so no row silently changes kind.
+box), the classical baselines, o2mag and cadiff -> method, every other method -> ``final_default`` = diff).
+``method`` is the method's own mask (``mask_path``), ``target`` the target mask. When the chosen mask is missing or
+empty the method's own mask is used and the reason is written to ``final_note``, so no row silently changes kind.
 Extras are read from ``extras_json`` ({name: path relative to the storage root} or {name: {"path": ...}}); .npy,
 .npz (first array) and PNG maps (8/16 bit, scaled to [0, 1]) are accepted.
 """
