@@ -53,7 +53,7 @@ from ops.diffusion.backbone import load_backbone  # noqa: E402
 from ops.diffusion.fastpath import FastPath, apply_fast_path  # noqa: E402
 from ops.types import Sample, SynthesisJob  # noqa: E402
 
-TRAIN_STEP_FIELDS = ("train_steps", "ago_steps")  # the training-length option of each method config
+TRAIN_STEP_FIELDS = ("train_steps", "ago_steps", "control_steps")  # training-length options (CADiff: two)
 CATEGORY, DEFECT = "bench", "crack"
 
 
