@@ -53,7 +53,7 @@ from ops.diffusion.backbone import load_backbone  # noqa: E402
 from ops.diffusion.fastpath import FastPath, apply_fast_path  # noqa: E402
 from ops.types import Sample, SynthesisJob  # noqa: E402
 
-TRAIN_STEP_FIELDS = ("train_steps", "ago_steps")  # the training-length option of each method config
+TRAIN_STEP_FIELDS = ("train_steps", "ago_steps", "control_steps")  # training-length options (CADiff: two)
 CATEGORY, DEFECT = "bench", "crack"
 
 
@@ -208,16 +208,13 @@ def bench_method(name: str, bb, meter: Meter, args, workdir: Path) -> dict:
 
 def _train_step_times(calls: list[tuple[str, int, int, float, float]]) -> dict:
     """Per-step wall and CPU seconds from the training loop's progress calls (desc, done, total, wall, cpu):
-    consecutive calls of one loop with done = k and k + 1, k >= 1 (the first step, setup included, is left out)."""
-    by_desc: dict[str, list[tuple[int, float, float]]] = {}
-    for desc, done, _total, t, c in calls:
-        by_desc.setdefault(desc, []).append((done, t, c))
+    two calls in a row (no other call between them: an outer loop's gap holds a whole inner loop) of one loop
+    with done = k and k + 1, k >= 1 (the first step, setup included, is left out)."""
     wall, cpu = [], []
-    for seq in by_desc.values():
-        for (d0, t0, c0), (d1, t1, c1) in zip(seq, seq[1:]):
-            if d1 == d0 + 1 and d0 >= 1:
-                wall.append(t1 - t0)
-                cpu.append(c1 - c0)
+    for (desc0, d0, _, t0, c0), (desc1, d1, _, t1, c1) in zip(calls, calls[1:]):
+        if desc0 == desc1 and d1 == d0 + 1 and d0 >= 1:
+            wall.append(t1 - t0)
+            cpu.append(c1 - c0)
     if not wall:
         return dict(train_step_s=None, train_step_cpu_s=None, train_steps_timed=0)
     return dict(train_step_s=float(np.median(wall)), train_step_cpu_s=float(np.median(cpu)),

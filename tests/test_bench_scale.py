@@ -32,6 +32,11 @@ def test_train_step_times_skip_setup_and_other_loops():
              ("apo bench: adapters", 1, 1, 17.5, 12.1)]
     out = _train_step_times(calls)
     assert out == dict(train_step_s=3.5, train_step_cpu_s=2.0, train_steps_timed=2)
+    # an outer loop (one call per support image) around inner training loops: only the inner steps count
+    nested = [("o2mag: AGO", 0, 2, 0.0, 0.0), ("AGO a", 1, 2, 5.0, 5.0), ("AGO a", 2, 2, 6.0, 6.0),
+              ("o2mag: AGO", 1, 2, 6.1, 6.1), ("AGO b", 1, 2, 11.0, 11.0), ("AGO b", 2, 2, 13.0, 13.0),
+              ("o2mag: AGO", 2, 2, 13.1, 13.1)]
+    assert _train_step_times(nested) == dict(train_step_s=1.5, train_step_cpu_s=1.5, train_steps_timed=2)
     assert _train_step_times(calls[:2])["train_step_s"] is None  # one step: nothing clean to time
 
 
