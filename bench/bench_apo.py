@@ -34,8 +34,8 @@ from ops.diffusion.backbone import load_backbone  # noqa: E402
 from ops.diffusion.training import train  # noqa: E402
 from ops.diffusion.vae import encode  # noqa: E402
 from ops.methods.apo import ADAPTER_NAME, APO, read_taca  # noqa: E402
-from ops.methods.apo_loss import cpo_batch  # noqa: E402
-from ops.methods.apo_sampling import LoRAGate, apo_branches, generate, initial_noise  # noqa: E402
+from ops.methods.apo.loss import cpo_batch  # noqa: E402
+from ops.methods.apo.sampling import LoRAGate, apo_branches, generate, initial_noise  # noqa: E402
 from ops.types import Sample  # noqa: E402
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ops.methods import apo_loss, apo_sampling
+from ops.methods.apo import loss as apo_loss
+from ops.methods.apo import sampling as apo_sampling
 
 torch.set_num_threads(1)
 
@@ -169,7 +170,7 @@ def loaded(backbone, fitted):
     """The trained crack adapter loaded into the UNet (removed afterwards) with its gate and prompt."""
     from ops.diffusion import lora
     from ops.methods.apo import ADAPTER_NAME, read_taca
-    from ops.methods.apo_sampling import LoRAGate
+    from ops.methods.apo.sampling import LoRAGate
 
     _, _, adapter = fitted
     info = read_taca(adapter.path / "crack")
@@ -258,7 +259,7 @@ def test_zero_align_reproduces_reference_cfg_sampling_exactly(backbone, loaded):
     from ops.diffusion.branches import BranchRunner
     from ops.diffusion.ddim import cfg_branches, sample
     from ops.diffusion.lora import lora_disabled
-    from ops.methods.apo_sampling import generate, initial_noise
+    from ops.methods.apo.sampling import generate, initial_noise
 
     gate, cond, uncond = loaded
     size = (backbone.resolution, backbone.resolution)
@@ -277,7 +278,7 @@ def test_zero_align_reproduces_reference_cfg_sampling_exactly(backbone, loaded):
 
 
 def test_zeroed_lora_gives_an_all_zero_localization(backbone, loaded):
-    from ops.methods.apo_sampling import generate, threshold_map
+    from ops.methods.apo.sampling import generate, threshold_map
 
     gate, cond, uncond = loaded
     size = (80, 100)
@@ -294,7 +295,7 @@ def test_zeroed_lora_gives_an_all_zero_localization(backbone, loaded):
 
 def test_placed_generation_keeps_the_normal_trajectory_outside_the_mask(backbone, loaded):
     from ops.diffusion.blend import latent_mask
-    from ops.methods.apo_sampling import generate
+    from ops.methods.apo.sampling import generate
 
     gate, cond, uncond = loaded
     normal = _images(1, 112, seed=5)[0]

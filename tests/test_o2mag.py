@@ -12,7 +12,7 @@ from ops.diffusion.training import denoising_loss
 from ops.diffusion.vae import encode
 from ops.methods.base import render_prompt
 from ops.methods.o2mag import O2MAG, O2MAGConfig
-from ops.methods.o2mag_ago import AGOSettings, load_embedding, optimize_embedding
+from ops.methods.o2mag.ago import AGOSettings, load_embedding, optimize_embedding
 from ops.types import Sample, SynthesisJob
 
 os.environ.setdefault("ANOMALY_FORGE_NO_PROGRESS", "1")
@@ -129,7 +129,7 @@ def _settings(bb, **kw):
 
 
 def _run(bb, pair, masks, **kw):
-    from ops.methods.o2mag_triag import BranchCache, run_targets
+    from ops.methods.o2mag.triag import BranchCache, run_targets
 
     return run_targets(bb, pair["cond"], pair["ref"], pair["normal"], masks, _settings(bb, **kw), BranchCache())
 
@@ -171,7 +171,7 @@ def test_outside_the_target_mask_stays_close_to_the_normal_image(bb, pair):
 
 
 def test_cached_and_uncached_generation_give_the_same_images(bb, pair):
-    from ops.methods.o2mag_triag import BranchCache, run_targets
+    from ops.methods.o2mag.triag import BranchCache, run_targets
 
     masks = _targets()
     cache = BranchCache()
@@ -185,7 +185,7 @@ def test_cached_and_uncached_generation_give_the_same_images(bb, pair):
 
 def test_stage_fit_and_synthesize_group_jobs_and_share_the_reference_branch(bb, demo_split, tmp_path, monkeypatch):
     from ops.generation import _adapter, fit_adapter, plan_jobs, synthesize_partition
-    from ops.methods import o2mag_triag
+    from ops.methods.o2mag import triag as o2mag_triag
     from ops.methods.base import check_results
     from ops.storage import Storage
 
@@ -219,7 +219,7 @@ def test_stage_fit_and_synthesize_group_jobs_and_share_the_reference_branch(bb, 
 
 
 def test_background_normal_keeps_the_original_pixels(bb, reference, normal, tmp_path):
-    from ops.methods.o2mag_triag import generated_region
+    from ops.methods.o2mag.triag import generated_region
 
     cfg = O2MAGConfig.from_dict({"ago_steps": 0, "steps": 2, "background": "normal"})
     jobs = [SynthesisJob(i, i, "brick", "hole", normal, m, reference) for i, m in enumerate(_targets()[:2])]

@@ -1,10 +1,10 @@
 """APO (Anomaly-Preference Optimisation, papers/apo.md) as the ``apo`` generation method.
 
 Training (``fit``): per defect type of the category, a LoRA on the UNet's attention projections
-(``ops.diffusion.lora``) is trained with the CPO loss (``ops.methods.apo_loss``) under TACA's per-sample rank gate
+(``ops.diffusion.lora``) is trained with the CPO loss (``ops.methods.apo.loss``) under TACA's per-sample rank gate
 (``ops.diffusion.taca``) by the toolkit's seeded, checkpointed loop (``ops.diffusion.training``). The reference
 ε_ref is the same UNet with its LoRA disabled, so only the LoRA trains. Synthesis (``synthesize``): hierarchical
-sampling with deviation-guided localization (``ops.methods.apo_sampling``).
+sampling with deviation-guided localization (``ops.methods.apo.sampling``).
 
 Files per defect type under ``out_dir/<defect_type>/``: ``pytorch_lora_weights.safetensors`` (diffusers LoRA
 format, ``pipe.load_lora_weights`` reads it), ``taca.json`` (the TACA schedule k_min/k_max/T the adapter must be
@@ -32,7 +32,7 @@ Choices where the paper is vague (see also the two helper modules):
   the inverted z_T outside; after every step the latent outside the mask is replaced by the inverted trajectory
   at the same step (so it is identical to it), and the decoded image is composited onto the original normal
   image outside the generated latent cells. Mask = the target mask refined by the localization map
-  (``apo_sampling.refine_target_mask``). Free generation (``mode="free"``, the paper's): seeded noise everywhere,
+  (``ops.methods.apo.sampling.refine_target_mask``). Free generation (``mode="free"``, the paper's): seeded noise everywhere,
   mask = thresholded localization map.
 """
 from __future__ import annotations
@@ -53,8 +53,8 @@ from ops.diffusion import lora
 from ops.diffusion.training import train
 from ops.diffusion.vae import encode
 from ops.manifest import dumps
-from ops.methods.apo_loss import cpo_batch
-from ops.methods.apo_sampling import LoRAGate, generate, refine_target_mask, threshold_map
+from ops.methods.apo.loss import cpo_batch
+from ops.methods.apo.sampling import LoRAGate, generate, refine_target_mask, threshold_map
 from ops.methods.base import Method, MethodConfig, Progress, no_progress, render_prompt
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob

@@ -1,8 +1,8 @@
 """O2MAG (One-to-More Anomaly Generation, papers/o2mag.md) as the training-free ``o2mag`` method.
 
-``fit`` runs AGO (``ops.methods.o2mag_ago``) once per support anomaly: one optimised text embedding e* per
+``fit`` runs AGO (``ops.methods.o2mag.ago``) once per support anomaly: one optimised text embedding e* per
 reference image, cached by content hash + model id + settings under ``out_dir``. ``synthesize`` runs TriAG + DAE
-(``ops.methods.o2mag_triag``) for every job: jobs sharing (reference, normal) share the reference and normal
+(``ops.methods.o2mag.triag``) for every job: jobs sharing (reference, normal) share the reference and normal
 branches, which are computed once; their targets are batched.
 
 Choices where the paper or the brief leave room (more in the two helper modules):
@@ -15,7 +15,7 @@ Choices where the paper or the brief leave room (more in the two helper modules)
   which CFG would break; the semantics come from e* and the grafted keys/values.
 - Output image: the WHOLE decoded target image, as in the paper, resized from ``backbone.resolution`` back to the
   normal image's size (``background="generated"``, the field default and the ``paper`` preset); outside M_T it is close to, not equal to, the normal
-  branch's reconstruction (tolerance in ``o2mag_triag``). ``background="normal"`` instead pastes the decoded
+  branch's reconstruction (tolerance in ``ops.methods.o2mag.triag``). ``background="normal"`` instead pastes the decoded
   target onto the original normal pixels on the latent cells M_T touches (upsampled), so the rest is the
   original image to the bit. On the untrained tiny backbone the VAE alone turns any image into noise, so only
   "normal" gives a recognisable background there: the ``demo`` preset (the default preset) uses it.
@@ -40,7 +40,7 @@ import numpy as np
 from ops.diffusion.vae import image_key
 from ops.masks.refine import attention_mask
 from ops.methods.base import Method, MethodConfig, Progress, no_progress, render_prompt
-from ops.methods.o2mag_ago import AGOSettings, fit_reference, load_embedding
+from ops.methods.o2mag.ago import AGOSettings, fit_reference, load_embedding
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 AGO_DIR = "ago"
@@ -161,7 +161,7 @@ class O2MAG(Method):
 
     def synthesize(self, backbone: Any, adapter: Adapter, jobs: Sequence[SynthesisJob], cfg: O2MAGConfig,
                    progress: Progress = no_progress) -> Iterator[Synthetic]:
-        from ops.methods.o2mag_triag import BranchCache
+        from ops.methods.o2mag.triag import BranchCache
 
         groups: dict[tuple[str, str], list[SynthesisJob]] = {}
         for job in jobs:
@@ -183,7 +183,7 @@ class O2MAG(Method):
                        cache: Any = None) -> list[Synthetic]:
         """All jobs of one (reference, normal) pair: their target masks become one batched target branch."""
         from ops.diffusion.vae import decode, encode
-        from ops.methods.o2mag_triag import generated_region, resize_map, run_targets
+        from ops.methods.o2mag.triag import generated_region, resize_map, run_targets
 
         start = time.perf_counter()
         ref, normal = jobs[0].reference, jobs[0].normal
@@ -218,7 +218,7 @@ class O2MAG(Method):
 
 
 def triag_settings(cfg: O2MAGConfig, backbone: Any, category: str, defect_type: str) -> Any:
-    from ops.methods.o2mag_triag import TriAGSettings, anomaly_tokens, step_window
+    from ops.methods.o2mag.triag import TriAGSettings, anomaly_tokens, step_window
 
     known = set(backbone.unet.attn_processors)
     missing = [n for n in cfg.graft_layers if n not in LAYER_GROUPS and n not in known]
