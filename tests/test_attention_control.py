@@ -275,3 +275,13 @@ def test_captured_token_map_refines_the_target_at_16_and_at_8(bb, cond):
         # bilinear upsampling rounds the box's corners off (product of two edge ramps < 1/2): 97.7 % of it at 8, 99.4 % at 16
         assert not (refined & ~region).any() and refined.sum() > 0.97 * region.sum(), r
         assert not attention_mask(a.numpy(), _box(0, 0, 0, 0)).any()  # eq. 13 keeps only what m' allows
+
+
+def test_a_batch_that_does_not_match_the_announced_layout_raises(bb, cond):
+    ctl = AttentionController(bb.unet, rules=[Capture("cross", branches=["tgt"])])
+    z = torch.cat([_z(1), _z(2)])
+    with ctl, torch.no_grad():
+        ctl.begin_call([("ref", 1), ("tgt", 2)], (32, 32))  # announces 3 samples, the call holds 2
+        with pytest.raises(ValueError, match="announced branch layout"):
+            bb.unet(z, T, encoder_hidden_states=cond.expand(2, -1, -1))
+    assert not ctl.captured  # nothing was recorded under a wrong branch name
