@@ -3,6 +3,8 @@
 Choices:
 - ``few_shot_splits`` is partitioned by category only; both assets read the category's split through a
   ``MultiToSingleDimensionPartitionMapping`` on the ``category`` dimension.
+- The synthesis seed is ``ForgeSettings.seed`` unless the run carries an ``anomaly_forge/seed`` tag (a
+  ``per_round`` regeneration, ``pipelines.schedules``); every row records the seed it was drawn with.
 - The backbone is loaded only for methods that declare ``needs_backbone`` (the baselines never touch torch).
 - Progress from the ops layer goes to the Dagster log at most every ``PROGRESS_EVERY_S`` seconds and at the end,
   so a long adapter training shows up in the UI without flooding the event log.
@@ -20,7 +22,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.metadata import image_metadata
-from assets.partitions import CATEGORY, GPU_POOL, GPU_TAGS, category_method_partitions, split_key
+from assets.partitions import CATEGORY, GPU_POOL, GPU_TAGS, SEED_TAG, category_method_partitions, split_key
 from resources.backbone import DiffusionBackbone
 from resources.settings import ForgeSettings
 from resources.storage import StorageResource
@@ -43,6 +45,12 @@ def log_progress(context: dg.AssetExecutionContext,
             context.log.info(f"{desc}: {done}/{total or '?'}")
 
     return report
+
+
+def run_seed(context: dg.AssetExecutionContext, settings: ForgeSettings) -> int:
+    """``settings.seed``, or the run's ``anomaly_forge/seed`` tag (a ``per_round`` regeneration's fresh seed)."""
+    tag = context.run.tags.get(SEED_TAG)
+    return int(tag) if tag is not None else settings.seed
 
 
 def _backbone_for(method: str, backbone: DiffusionBackbone) -> Any:
@@ -82,7 +90,7 @@ def synthetic_anomalies(context: dg.AssetExecutionContext, few_shot_splits: pd.D
     category, method = split_key(context.partition_key)
     store = storage.get()
     df = synthesize_partition(store, category, method, few_shot_splits, anomaly_adapters,
-                              _backbone_for(method, backbone), settings.n_per_partition, settings.seed,
+                              _backbone_for(method, backbone), settings.n_per_partition, run_seed(context, settings),
                               settings.method_config(method), progress=log_progress(context),
                               target_mode=settings.target_mode)
     counts = df.groupby("defect_type").agg(images=("index", "size"), mean_mask_px=("mask_area", "mean"),

@@ -8,6 +8,8 @@ Choices:
   ``cache/ingest/<category>`` under the storage root, because dataset roots may be read-only.
 - Both checks are blocking: a category with too many unusable files, or a split that leaks held-out images into
   the support set, must not reach adapter training. The reject fraction counts rejected files over all files seen.
+- ``raw_defect_sets`` returns a content data version (``content_version``): Dagster marks the category's lineage
+  stale when the images change, not when a folder is merely re-read (``pipelines.versions`` has the code side).
 - ops modules are imported inside the asset bodies so that loading the definitions (``dagster dev``) stays fast.
 """
 from typing import Any
@@ -83,7 +85,20 @@ def raw_defect_sets(context: dg.AssetExecutionContext, settings: ForgeSettings,
     }
     if len(result.rejects):
         meta["rejected_files"] = dg.MetadataValue.md(markdown_table(result.rejects[["path", "reason", "fix"]]))
-    return dg.Output(rows, metadata=meta)
+    return dg.Output(rows, metadata=meta, data_version=dg.DataVersion(content_version(rows)))
+
+
+CONTENT_COLUMNS = ["image_id", "split", "defect_type", "image_path", "width", "height", "sha256", "mask_area",
+                   "mask_count"]  # not mask_path: union masks live under the storage root, which may move
+
+
+def content_version(rows: pd.DataFrame) -> str:
+    """Hash of what a category's images are (ids, bytes' sha256, mask areas), not of where the root lives: an
+    unchanged re-ingest keeps its data version, so nothing downstream becomes stale."""
+    import hashlib
+
+    text = rows[CONTENT_COLUMNS].sort_values("image_id").to_csv(sep="\t", index=False, float_format="%.9g")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dg.asset(partitions_def=category_partitions, group_name="ingest", kinds={"python", "parquet"})

@@ -20,6 +20,7 @@ GPU_TAGS = {
     "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}},
 }
 GPU_POOL = "gpu"
+SEED_TAG = "anomaly_forge/seed"  # run tag: the synthesis seed of a per_round regeneration (pipelines.schedules)
 
 
 def split_key(key: str | dg.MultiPartitionKey) -> tuple[str, str]:

@@ -10,8 +10,11 @@ Choices made where the spec leaves room:
 - Categories are textures (brick, grass, gravel): the whole image is product, so every defect position is
   valid. Each photograph is tinted once per category (brick reddish, grass greenish, gravel neutral) so that
   the grayscale photos become plausible RGB products and colour defects (stains) differ from the product.
-- Crops: a random square window of 30-55 % of the 512 px photograph, optionally mirrored left-right (no
-  rotation: brick courses stay horizontal, as a product would on a line), resized with Lanczos to ``size``.
+- Crops: a random square window of 30-55 % of the 512 px photograph (at most the width of its half),
+  optionally mirrored left-right (no rotation: brick courses stay horizontal, as a product would on a line),
+  resized with Lanczos to ``size``. ``train/`` crops come from the left half of the photograph and every
+  ``test/`` crop (good or defective) from the right half (``HELDOUT_COLUMNS``), so a model trained on the left
+  halves (forge-base, ``ops/forge_base``) never sees a pixel of the held-out evaluation images.
   Jitter: gain 0.92-1.08, offset +-0.03, gamma 0.9-1.1, channel gains 0.97-1.03.
 - Every image has its own generator seeded from ``(seed, crc32("<category>/<folder>/<type>/<index>"))``, so
   a category's images do not depend on which other categories are built.
@@ -44,6 +47,7 @@ from ops.samples import encode_png
 N_TRAIN = 24
 N_TEST_GOOD = 8
 MIN_AREA, MAX_AREA = 0.002, 0.25
+HELDOUT_COLUMNS = (0.5, 1.0)  # fraction of the photograph's width that test/ images are cut from
 ALPHA_CUT = 0.1
 
 
@@ -87,7 +91,7 @@ def build_demo_dataset(out_dir: str | Path, categories: Sequence[str] | None = N
     with progress_bar("demo dataset", total=len(plan), unit="img") as bar:
         for category, folder, kind, index in plan:
             rng = np.random.default_rng([seed, zlib.crc32(f"{category}/{folder}/{kind}/{index}".encode())])
-            image = _crop(photos[category], size, rng)
+            image = _crop(photos[category], size, rng, heldout=folder == "test")
             stem = f"{index:03d}"
             if kind != "good":
                 image, mask = draw_defect(image, kind, rng)
@@ -109,10 +113,18 @@ def _photo(cat: DemoCategory) -> np.ndarray:
     return np.clip(gray.astype(np.float32)[..., None] / 255.0 * np.asarray(cat.tint, np.float32), 0.0, 1.0)
 
 
-def _crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def column_range(width: int, heldout: bool) -> tuple[int, int]:
+    """Columns [start, stop) of a photograph ``width`` px wide that test (``heldout``) or train crops come from."""
+    cut = int(round(HELDOUT_COLUMNS[0] * width))
+    return (cut, int(round(HELDOUT_COLUMNS[1] * width))) if heldout else (0, cut)
+
+
+def _crop(photo: np.ndarray, size: int, rng: np.random.Generator, heldout: bool) -> np.ndarray:
     h, w = photo.shape[:2]
-    side = int(rng.integers(int(0.30 * min(h, w)), int(0.55 * min(h, w)) + 1))
-    y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    c0, c1 = column_range(w, heldout)
+    side_max = min(int(0.55 * min(h, w)), c1 - c0, h)
+    side = int(rng.integers(min(int(0.30 * min(h, w)), side_max), side_max + 1))
+    y0, x0 = int(rng.integers(0, h - side + 1)), c0 + int(rng.integers(0, c1 - c0 - side + 1))
     window = photo[y0:y0 + side, x0:x0 + side]
     if rng.random() < 0.5:
         window = window[:, ::-1]

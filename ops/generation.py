@@ -180,6 +180,9 @@ def synthesize_partition(storage: Storage, category: str, method_name: str, spli
     method = get_method(method_name)
     config = method.config(cfg)
     config_json = dumps(asdict(config))
+    # a method defined on its own kind of target (AnoGen: boxes) overrides the pipeline's mode; caller options win
+    target_mode = method.target_mode or target_mode
+    target_options = {**method.target_options(config, category), **(target_options or {})}
     planner = JobPlanner(split_df, category, method_name, seed, target_mode, method.needs_reference, target_options)
     adapter = _adapter(storage, adapter_df, category, method_name, planner.support_ids)
     base = f"{SYNTHETIC_DIR}/{category}/{method_name}"

@@ -1,7 +1,8 @@
 """The ``anomaly-forge`` console script.
 
-Commands: ``demo`` (whole lineage on the embedded data), ``add-category`` (new partition + its lineage on the
-instance in ``$DAGSTER_HOME``), ``materialize`` (the lineage for existing partitions), ``list-methods``.
+Commands: ``demo`` (whole lineage on the embedded data), ``add-category`` (new partition + one asset backfill of
+its lineage on the instance in ``$DAGSTER_HOME``, executed by the daemon; ``--in-process`` runs it here instead),
+``materialize`` (the lineage for existing partitions), ``list-methods``.
 
 Choices:
 - ``add-category`` and ``materialize`` need ``DAGSTER_HOME`` (runs must land in the instance the UI reads); they
@@ -56,6 +57,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     size=args.size, seed=args.seed, settings=_json_settings(args.settings))
 
 
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from ops.forge_base.train import BaseTrainConfig, train_base
+
+    cfg = BaseTrainConfig(pool_size=args.pool_size, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                          vae_batch=args.vae_batch, unet_batch=args.unet_batch, seed=args.seed, dtype=args.dtype)
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    command = ("anomaly-forge train-base --out DIR " + " ".join(
+        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("pool_size", "vae_steps", "unet_steps", "vae_batch",
+                                                                "unet_batch", "seed", "dtype")))
+    train_base(args.out, cfg, command=command)
+    return 0
+
+
 def cmd_list_methods(_args: argparse.Namespace) -> int:
     from ops.methods.registry import BASELINES, available_methods, get_method
 
@@ -101,7 +118,26 @@ def cmd_add_category(args: argparse.Namespace) -> int:
         print(f"note: add {Path(args.root).resolve()} to ANOMALY_FORGE_DATASETS so later ingest runs find it")
     if args.no_run:
         return 0
-    return _run([args.name], _csv(args.methods), extra_roots=[args.root])
+    if args.in_process:
+        return _run([args.name], _csv(args.methods), extra_roots=[args.root])
+    return _submit_backfill(args.name, _csv(args.methods), args.root)
+
+
+def _submit_backfill(category: str, methods: Sequence[str] | None, root: str) -> int:
+    """One asset backfill of the category's lineage, stored in the instance for the daemon to execute."""
+    from pipelines.backfill import submit_backfill
+    from pipelines.definitions import build_definitions
+    from resources.settings import ForgeSettings
+
+    settings = ForgeSettings.from_env()
+    methods = list(methods or settings.active_methods())
+    defs = build_definitions(dataset_roots=list(dict.fromkeys([*settings.dataset_roots, str(Path(root).resolve())])))
+    with _instance() as instance:
+        backfill_id = submit_backfill(instance, defs.get_repository_def().asset_graph, category, methods,
+                                      trigger="cli")
+    print(f"backfill {backfill_id}: the lineage of {category!r} for methods {', '.join(methods)}; the Dagster "
+          f"daemon executes it (`dagster dev` or `dagster-daemon run`) and the UI shows it under Backfills")
+    return 0
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
@@ -130,17 +166,31 @@ def build_parser() -> argparse.ArgumentParser:
                                          "'{\"detection_options\": {\"detectors\": [\"segmenter\"]}}'")
     demo.set_defaults(func=cmd_demo)
 
-    add = sub.add_parser("add-category", help="add a category partition and materialize its lineage")
+    add = sub.add_parser("add-category", help="add a category partition and backfill its lineage")
     add.add_argument("name")
     add.add_argument("--root", required=True, help="dataset root that contains the category folder")
-    add.add_argument("--methods", help="comma-separated methods (default: all registered)")
+    add.add_argument("--methods", help="comma-separated methods (default: ForgeSettings.methods / "
+                                       "ANOMALY_FORGE_METHODS, else all registered)")
     add.add_argument("--no-run", action="store_true", help="only add the partition")
+    add.add_argument("--in-process", action="store_true",
+                     help="run the lineage here, stage by stage, instead of submitting one backfill to the daemon")
     add.set_defaults(func=cmd_add_category)
 
     mat = sub.add_parser("materialize", help="materialize the lineage for existing category partitions")
     mat.add_argument("--categories", help="comma-separated categories (default: every partition)")
     mat.add_argument("--methods", help="comma-separated methods (default: all registered)")
     mat.set_defaults(func=cmd_materialize)
+
+    base = sub.add_parser("train-base", help="train the forge-base diffusion model into a diffusers folder "
+                                             "(resumes an interrupted run from OUT/.train)")
+    base.add_argument("--out", required=True, help="output folder (diffusers layout; checkpoints in OUT/.train)")
+    defaults = __import__("ops.forge_base.train", fromlist=["BaseTrainConfig"]).BaseTrainConfig()
+    for name in ("pool_size", "vae_steps", "unet_steps", "vae_batch", "unet_batch", "seed"):
+        base.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                          help=f"default {getattr(defaults, name)}")
+    base.add_argument("--dtype", default=defaults.dtype, choices=("float16", "float32"),
+                      help="dtype of the saved weights (training is float32)")
+    base.set_defaults(func=cmd_train_base)
 
     lst = sub.add_parser("list-methods", help="list the registered generation methods")
     lst.set_defaults(func=cmd_list_methods)

@@ -6,16 +6,22 @@ Choices:
 - Resources come from the environment (``ANOMALY_FORGE_HOME``, ``ANOMALY_FORGE_STORAGE``,
   ``ANOMALY_FORGE_DATASETS``, ``ANOMALY_FORGE_MODEL``, ...; see resources/) so that one code location serves a
   demo folder, a laptop and a cluster; ``build_definitions`` takes explicit values for the demo, the CLI and tests.
-- Loading the definitions imports no torch: ops stage modules are imported inside asset bodies.
+- Dagster's beta/preview warnings about the partition mapping and partitioned checks this project relies on (on
+  a pinned Dagster) are silenced while the asset modules are imported here, as the CLI does: ``dagster dev``
+  loads this module at every reload and would print them each time. Warnings raised elsewhere still show.
+- Loading the definitions imports no torch: ops stage modules are imported inside asset bodies (code versions
+  are computed by parsing their source, ``pipelines.versions``).
 """
 import importlib
+import warnings
 from typing import Any, Sequence
 
 import dagster as dg
 
 from pipelines.jobs import GENERATION_JOB, build_jobs, lineage_stages
-from pipelines.schedules import build_regeneration_schedule
+from pipelines.schedules import build_regeneration_schedule, build_summary_automation_sensor, with_summary_automation
 from pipelines.sensors import build_new_category_sensor
+from pipelines.versions import with_code_versions
 from resources.backbone import DiffusionBackbone
 from resources.settings import ForgeSettings
 from resources.storage import ParquetIOManager, StorageResource, storage_root_from_env
@@ -29,7 +35,10 @@ def collect_assets(modules: Sequence[str] = ASSET_MODULES) -> tuple[list[Any], l
     checks: list[Any] = []
     for name in modules:
         try:
-            module = importlib.import_module(name)
+            with warnings.catch_warnings():  # as the CLI does: see the module docstring
+                warnings.simplefilter("ignore", dg.BetaWarning)
+                warnings.simplefilter("ignore", dg.PreviewWarning)
+                module = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name == name:
                 continue
@@ -52,16 +61,21 @@ def build_resources(storage_root: str | None = None, **settings: Any) -> dict[st
 def build_definitions(storage_root: str | None = None, **settings: Any) -> dg.Definitions:
     """The full code location; keyword arguments override ``ForgeSettings`` fields (e.g. dataset_roots=[...])."""
     assets, checks = collect_assets()
+    resources = build_resources(storage_root, **settings)
+    assets = with_code_versions(assets, resources["settings"], resources["backbone"].model)
+    assets, summaries = with_summary_automation(assets)
     stages = lineage_stages(assets)
     jobs = build_jobs(stages)
-    by_name = {j.name: j for j in jobs}
+    generation = [s for s in stages if s.job_name == GENERATION_JOB]
+    sensors = [build_new_category_sensor()] + ([build_summary_automation_sensor(summaries)] if summaries else [])
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
-        schedules=[build_regeneration_schedule(by_name[GENERATION_JOB])] if GENERATION_JOB in by_name else [],
-        sensors=[build_new_category_sensor(stages, jobs)],
-        resources=build_resources(storage_root, **settings),
+        schedules=[build_regeneration_schedule(jobs[stages.index(generation[0])], generation[0].asset_keys)]
+        if generation else [],
+        sensors=sensors,
+        resources=resources,
     )
 
 

@@ -29,16 +29,28 @@ import pandas as pd
 
 from pipelines.jobs import lineage_stages
 
-DISCLAIMER = (
-    "These numbers come from the `tiny` backbone: Stable-Diffusion-shaped components built offline with a fixed seed "
-    "and never trained. They prove that every stage runs end to end; they say nothing about the quality of the "
-    "diffusion methods (their output inside the mask is noise-like). Baselines (cutpaste, perlin) do not use the "
-    "backbone. Use a real checkpoint (ANOMALY_FORGE_MODEL) for meaningful numbers.")
+BASELINE_NOTE = "Baselines (cutpaste, perlin) do not use the backbone."
+
+
+def disclaimer(model: str) -> str:
+    """What the diffusion numbers of a run on ``model`` can and cannot say (printed and in report.md)."""
+    if model == "forge-base":
+        return ("Diffusion numbers come from `forge-base`: AnomalyForge's own small latent diffusion model (about "
+                "12 M parameters, Stable Diffusion's layout at 128 px) trained on a 2-core CPU from a few CC0 "
+                "photographs and procedural textures and marks. It is NOT Stable Diffusion: the numbers show what "
+                "each method does on a small model, not how the methods perform at SD scale. " + BASELINE_NOTE +
+                " Use a real checkpoint (ANOMALY_FORGE_MODEL) for production figures.")
+    if model == "tiny":
+        return ("These numbers come from the `tiny` backbone: Stable-Diffusion-shaped components built offline "
+                "with a fixed seed and never trained. They prove that every stage runs end to end; they say nothing "
+                "about the quality of the diffusion methods (their output inside the mask is noise-like). "
+                + BASELINE_NOTE)
+    return f"Diffusion numbers come from the backbone `{model}`. " + BASELINE_NOTE
+
+
 QUALITY_KEYS = ("fid", "fid_effl0", "kid_mean", "kid_effl0_mean", "ic_lpips_ad", "ic_effl0_ad", "bg_ssim",
                 "mask_iou_mean")
 DETECTION_KEYS = ("image_auroc", "pixel_auroc", "aupro")
-INSTANCE_YAML = "# written by `anomaly-forge demo`; see https://docs.dagster.io for instance settings\n" \
-                "telemetry:\n  enabled: false\n"
 
 
 @dataclass
@@ -57,7 +69,9 @@ def dagster_home(path: Path) -> Iterator[Path]:
     """Point ``DAGSTER_HOME`` at ``path`` (created, with a dagster.yaml) while the block runs."""
     path.mkdir(parents=True, exist_ok=True)
     if not (path / "dagster.yaml").exists():
-        (path / "dagster.yaml").write_text(INSTANCE_YAML)
+        from pipelines.instance_config import instance_yaml
+
+        (path / "dagster.yaml").write_text(instance_yaml())  # run queue and gpu pool sized for this machine
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(path)
     try:
@@ -185,7 +199,7 @@ def report_markdown(out: Path, steps: Sequence[StepResult], summary: pd.DataFram
         "# AnomalyForge demo report", "",
         f"**{len(steps) - failed} of {len(steps)} steps succeeded.** Settings: "
         + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
-        f"> {DISCLAIMER}", "",
+        f"> {disclaimer(str(settings.get('backbone', '')))}", "",
         "## Summary (category x method)", "", markdown_table(summary, max_rows=500), "",
         "## Steps", "", markdown_table(step_df, max_rows=1000), "",
     ]
@@ -245,6 +259,6 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
     echo("")
     echo(f"{len(steps) - len(failed)}/{len(steps)} steps ok in {time.monotonic() - t0:.1f}s; "
          f"report: {out / 'report.md'}")
-    echo(f"Note: {DISCLAIMER}")
+    echo(f"Note: {disclaimer(shown['backbone'])}")
     echo(f"UI: DAGSTER_HOME={out / 'dagster_home'} ANOMALY_FORGE_HOME={out} dagster dev -w workspace.yaml")
     return 1 if failed else 0

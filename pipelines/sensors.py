@@ -1,82 +1,144 @@
-"""The new-category sensor: a new folder under a dataset root becomes a partition and its lineage is backfilled.
+"""The new-category sensor: a new (or changed) category folder becomes ONE asset backfill of its whole lineage.
 
 Choices:
-- New = discovered by ``ops.ingest.discover_categories`` (through ``assets.ingest.find_categories``), not yet a
-  ``category`` partition, and not seen before by this sensor (the cursor): a partition an operator deleted is not
-  re-added behind their back, and a tick with no new folders does nothing.
-- A run has one partition key, so the lineage is backfilled stage by stage (``pipelines.jobs.lineage_stages``):
-  the tick that adds the partition requests the ingest run; a later tick requests the next stage (one run per
-  category x method for generation) once every asset of the previous stage is materialized for that category.
-  The cursor keeps, per category, the next stage to request. A failed or blocked stage (e.g. a failing blocking
-  check) therefore stops its category's backfill until someone re-materializes it.
-- Unpartitioned stages (summaries) get one run per category that reaches them and count as done once requested.
-- Run keys name the stage and partition, so even a lost cursor cannot launch a stage twice for the same partition.
-- A dataset root that cannot be read (missing, empty, unsafe folder names) is logged and skipped, and a tick
-  with nothing to do then reports it as the skip reason: the default root of a fresh deployment
-  (``demo_out/data``) may not exist yet, and one bad root must not stop the others from being watched.
+- Categories are discovered by ``ops.ingest.discover_categories`` (through ``assets.ingest.find_categories``).
+  Each folder is fingerprinted by a *listing hash* (relative path, size and mtime of every file under it).
+- A folder is acted on only once it is *stable*: the same listing on two consecutive ticks, or a marker file
+  named ``.ready`` in the category folder (written by the copier when it is done; then the first tick acts).
+  A folder still being copied therefore waits, and the skip reason says so.
+- A new folder: the tick adds the ``category`` partition and requests one asset backfill of the whole lineage
+  (``pipelines.backfill``), which Dagster's backfill daemon executes in dependency order across the three
+  partitionings and shows under Backfills. A known folder whose listing changed (files added, replaced, removed):
+  the same backfill again, so ingest re-reads it and everything downstream is refreshed.
+- A category that is already a partition when the sensor first sees it (added by ``anomaly-forge add-category``,
+  the demo or the UI) is taken as ingested with its current listing; only later changes trigger a backfill.
+  A partition an operator deleted after the sensor backfilled it is not re-added behind their back (the skip
+  reason says how to bring it back).
+- The cursor keeps, per category, the last listing seen, how many ticks it has been unchanged, and the listing
+  last backfilled; backfill requests carry no run key (Dagster does not dedupe them), so the cursor is the guard.
+- Ticks that launch nothing say why, per category: waiting for a folder to settle, a backfill still running
+  (with its progress), or a backfill that failed or was cancelled (with the failed partitions); unreadable
+  dataset roots are named too. A fresh deployment's default root (``demo_out/data``) may not exist yet, and one
+  bad root must not stop the others from being watched.
+- The methods come from ``ForgeSettings.methods`` (empty: every registered method), read at every tick.
 """
+from __future__ import annotations
+
+import hashlib
 import json
-from typing import Sequence
+import os
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
-from assets.ingest import find_categories
-from assets.partitions import CATEGORY, category_partitions, method_partitions
-from pipelines.jobs import UNPARTITIONED_KIND, Stage
+from assets.partitions import CATEGORY, category_partitions
+from pipelines.backfill import backfill_request, backfill_summary, category_backfills
 from resources.settings import ForgeSettings
 
+READY_MARKER = ".ready"
+STABLE_TICKS = 2
+SENSOR = "new_category_sensor"
+_RUNNING = ("REQUESTED", "CANCELING", "FAILING")
+_STALLED = ("COMPLETED_FAILED", "FAILED", "CANCELED")
 
-def stage_complete(instance: dg.DagsterInstance, stage: Stage, category: str, methods: Sequence[str]) -> bool:
-    if stage.kind == UNPARTITIONED_KIND:
-        return True
-    wanted = set(stage.partition_keys([category], methods))
-    return all(wanted <= instance.get_materialized_partitions(key) for key in stage.asset_keys)
+
+def listing_hash(folder: str | Path) -> tuple[str, int]:
+    """(hash of every file's relative path, size and mtime under ``folder``, number of files); marker excluded."""
+    folder = Path(folder)
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            if rel == READY_MARKER:
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # removed while we walked: the next tick sees the new listing
+                continue
+            entries.append(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16], len(entries)
 
 
-def advance(instance: dg.DagsterInstance, stages: Sequence[Stage], pending: dict[str, int],
-            methods: Sequence[str]) -> list[dg.RunRequest]:
-    """Run requests for every category whose previous stage is complete; updates ``pending`` in place."""
-    requests = []
-    for category in sorted(pending):
-        i = pending[category]
-        if i > 0 and not stage_complete(instance, stages[i - 1], category, methods):
+def _backfill_status(instance: dg.DagsterInstance, category: str) -> str | None:
+    """A line for a category whose latest backfill is running or stalled; None when it succeeded (or none)."""
+    backfills = category_backfills(instance, category)
+    if not backfills:
+        return None
+    latest = max(backfills, key=lambda b: b.backfill_timestamp)
+    status = latest.status.value
+    if status in _RUNNING:
+        return f"{category}: {backfill_summary(latest)}"
+    if status in _STALLED:
+        return (f"{category}: {backfill_summary(latest)}; re-execute it from the Backfills page, or change the "
+                f"folder to trigger a new one")
+    return None
+
+
+def evaluate(context: dg.SensorEvaluationContext, settings: ForgeSettings) -> dg.SensorResult:
+    from assets.ingest import find_categories  # here: importing asset modules is pipelines.definitions' job
+
+    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
+    known: dict[str, dict[str, Any]] = state.get("categories", {})
+    problems: list[str] = []
+    found = find_categories(settings.dataset_roots, problems)
+    for problem in problems:
+        context.log.warning(problem)
+    existing = set(context.instance.get_dynamic_partitions(CATEGORY))
+    methods = settings.active_methods()
+    asset_graph = context.repository_def.asset_graph
+    requests, new, waiting = [], [], []
+    for category, (root, _layout) in sorted(found.items()):
+        folder = Path(root) / category
+        listing, n_files = listing_hash(folder)
+        entry = known.get(category)
+        if entry is None and category in existing:
+            known[category] = {"listing": listing, "ticks": STABLE_TICKS, "backfilled": listing}
             continue
-        stage = stages[i]
-        for key in stage.partition_keys([category], methods):
-            requests.append(dg.RunRequest(job_name=stage.job_name, partition_key=key,
-                                          run_key=f"{stage.job_name}:{key or category}",
-                                          tags={"anomaly_forge/trigger": "new_category_sensor",
-                                                "anomaly_forge/category": category}))
-        pending[category] = i + 1
-        if pending[category] >= len(stages):
-            del pending[category]
-    return requests
-
-
-def build_new_category_sensor(stages: Sequence[Stage], jobs: Sequence, methods: Sequence[str] | None = None,
-                              minimum_interval_seconds: int = 60) -> dg.SensorDefinition:
-    methods = list(methods or method_partitions.get_partition_keys())
-
-    @dg.sensor(name="new_category_sensor", jobs=list(jobs), minimum_interval_seconds=minimum_interval_seconds,
-               description="Adds a category partition for each new folder under the dataset roots and backfills "
-                           "its lineage stage by stage")
-    def new_category_sensor(context: dg.SensorEvaluationContext, settings: ForgeSettings):
-        state = json.loads(context.cursor) if context.cursor else {"seen": [], "pending": {}}
-        seen, pending = set(state["seen"]), dict(state["pending"])
-        problems: list[str] = []
-        found = find_categories(settings.dataset_roots, problems)
-        for problem in problems:
-            context.log.warning(problem)
-        existing = set(context.instance.get_dynamic_partitions(CATEGORY))
-        new = sorted(c for c in found if c not in existing and c not in seen)
-        pending.update({c: 0 for c in new})
-        requests = advance(context.instance, stages, pending, methods)
-        cursor = json.dumps({"seen": sorted(seen | set(found)), "pending": pending}, sort_keys=True)
-        if new:
-            context.log.info(f"new categories: {new}")
-        if not requests and problems:
-            return dg.SensorResult(skip_reason="; ".join(problems), cursor=cursor)
+        if entry is None or entry["listing"] != listing:
+            entry = {"listing": listing, "ticks": 1, "backfilled": (entry or {}).get("backfilled")}
+        else:
+            entry["ticks"] += 1
+        known[category] = entry
+        if listing == entry["backfilled"]:
+            continue
+        if category not in existing and entry["backfilled"] is not None:
+            waiting.append(f"{category}: its partition was deleted after a backfill; not re-adding it "
+                           f"(`anomaly-forge add-category {category} --root {root}` brings it back)")
+            continue
+        if not (folder / READY_MARKER).exists() and entry["ticks"] < STABLE_TICKS:
+            what = "new folder" if entry["backfilled"] is None else "changed folder"
+            waiting.append(f"{category}: {what} with {n_files} files, waiting until its listing stays unchanged "
+                           f"for one more tick (or a {READY_MARKER} file in it)")
+            continue
+        if category not in existing:
+            new.append(category)
+        trigger = "new category" if entry["backfilled"] is None else "changed folder"
+        context.log.info(f"{category}: {trigger} ({n_files} files, listing {listing}): one backfill of its "
+                         f"lineage for methods {methods}")
+        requests.append(backfill_request(asset_graph, category, methods, SENSOR, listing))
+        entry["backfilled"] = listing
+    statuses = [line for c in sorted(known) if c in existing and (line := _backfill_status(context.instance, c))]
+    for line in statuses:
+        context.log.info(line)
+    cursor = json.dumps({"categories": known}, sort_keys=True)
+    if requests:
         return dg.SensorResult(run_requests=requests, cursor=cursor,
                                dynamic_partitions_requests=[category_partitions.build_add_request(new)] if new else [])
+    reasons = waiting + statuses + problems
+    if not reasons:
+        reasons = [f"no new or changed category folder under {settings.dataset_roots} "
+                   f"({len(known)} known, all backfilled)"]
+    return dg.SensorResult(skip_reason="; ".join(reasons), cursor=cursor)
+
+
+def build_new_category_sensor(minimum_interval_seconds: int = 60) -> dg.SensorDefinition:
+    @dg.sensor(name=SENSOR, asset_selection=dg.AssetSelection.all(), minimum_interval_seconds=minimum_interval_seconds,
+               description="Adds a category partition for each new, stable folder under the dataset roots and "
+                           "launches one asset backfill of its lineage; re-runs it when the folder changes")
+    def new_category_sensor(context: dg.SensorEvaluationContext, settings: ForgeSettings):
+        return evaluate(context, settings)
 
     return new_category_sensor

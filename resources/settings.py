@@ -9,7 +9,11 @@ Choices:
 - Defaults from the environment (``from_env``) so that ``dagster dev`` picks up a demo folder without editing
   code: ``ANOMALY_FORGE_HOME`` (default ``demo_out``, resolved against the working directory),
   ``ANOMALY_FORGE_DATASETS`` (``os.pathsep``-separated, default ``$ANOMALY_FORGE_HOME/data``),
-  ``ANOMALY_FORGE_N`` (default 64) and ``ANOMALY_FORGE_SEED`` (default 0).
+  ``ANOMALY_FORGE_N`` (default 64), ``ANOMALY_FORGE_SEED`` (default 0) and ``ANOMALY_FORGE_METHODS``
+  (comma-separated; default: every registered method).
+- ``methods`` limits what the new-category sensor and the regeneration schedule materialize (the ``method``
+  partitions stay every registered method, so a launch from the UI can still pick any of them); ``regen_seed``
+  chooses what a regeneration round does (``pipelines.schedules``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import dagster as dg
 
 SPLIT_PROTOCOLS = ("anomalydiffusion", "k_shot")
 TARGET_MODES = ("affine", "box")
+REGEN_SEEDS = ("fixed", "per_round")  # see pipelines/schedules.py
 
 
 def forge_home() -> Path:
@@ -48,6 +53,8 @@ class ForgeSettings(dg.ConfigurableResource):
     method_options: dict[str, Any] = {}
     quality_options: dict[str, Any] = {}
     detection_options: dict[str, Any] = {}
+    methods: list[str] = []  # what the sensor and the schedule generate with; empty = every registered method
+    regen_seed: str = "fixed"  # regeneration schedule: "fixed" (only stale partitions) or "per_round" (fresh seeds)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ForgeSettings":
@@ -56,6 +63,7 @@ class ForgeSettings(dg.ConfigurableResource):
             "dataset_roots": roots.split(os.pathsep) if roots else [str(forge_home() / "data")],
             "n_per_partition": _int_env("ANOMALY_FORGE_N", 64),
             "seed": _int_env("ANOMALY_FORGE_SEED", 0),
+            "methods": [m.strip() for m in os.environ.get("ANOMALY_FORGE_METHODS", "").split(",") if m.strip()],
         }
         values.update(overrides)
         return cls(**values)
@@ -73,12 +81,27 @@ class ForgeSettings(dg.ConfigurableResource):
             raise ValueError(f"ForgeSettings.target_mode={self.target_mode!r}; use one of {TARGET_MODES}")
         if self.n_per_partition < 1:
             raise ValueError(f"ForgeSettings.n_per_partition={self.n_per_partition}; it must be >= 1")
+        if self.methods:
+            from ops.methods.registry import available_methods
+
+            unknown = sorted(set(self.methods) - set(available_methods()))
+            if unknown:
+                raise ValueError(f"ForgeSettings.methods has unknown methods {unknown}; use some of "
+                                 f"{available_methods()} (anomaly-forge list-methods), or [] for all")
+        if self.regen_seed not in REGEN_SEEDS:
+            raise ValueError(f"ForgeSettings.regen_seed={self.regen_seed!r}; use one of {REGEN_SEEDS}")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError(f"ForgeSettings.max_reject_fraction={self.max_reject_fraction}; use a value in [0, 1]")
         return self
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.check()
+
+    def active_methods(self) -> list[str]:
+        """The methods the sensor and the schedule materialize: ``methods``, or every registered one."""
+        from ops.methods.registry import available_methods
+
+        return list(self.methods) if self.methods else list(available_methods())
 
     def method_config(self, method: str) -> dict[str, Any]:
         opts = self.method_options.get(method, {})

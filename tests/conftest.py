@@ -11,6 +11,8 @@ from ops.splits import make_split
 
 # tqdm bars only clutter captured test output.
 os.environ.setdefault("ANOMALY_FORGE_NO_PROGRESS", "1")
+# Unit tests run on the fast untrained tiny backbone; tests of forge-base itself ask for it by name.
+os.environ.setdefault("ANOMALY_FORGE_MODEL", "tiny")
 
 
 

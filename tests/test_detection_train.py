@@ -152,7 +152,7 @@ def test_supersimplenet_draem_and_weak_segmenter_train_on_synthetic_anomalies(tm
                                      progress=lambda *a: None)
     cfg = {"detectors": ["supersimplenet", "draem", "segmenter"], "image_size": 128, "val_every": 1, "batch_size": 4,
            "steps": {"supersimplenet": 2, "draem": 2, "segmenter": 2}, "weak_methods": ["perlin"],
-           "options": {"draem": {"recon_width": 8, "disc_width": 8}}}
+           "weak_ablation": [], "options": {"draem": {"recon_width": 8, "disc_width": 8}}}
     with pytest.raises(ValueError, match="image_size >= 128"):
         train_detectors(storage, "brick", "perlin", demo_split, synthetic, None, {**cfg, "image_size": 64})
     det = train_detectors(storage, "brick", "perlin", demo_split, synthetic, None, cfg)

@@ -119,3 +119,26 @@ def test_summary_has_the_pair_and_the_method_mean(run):
     s = pd.read_parquet(storage.path("manifests/quality_summary/all.parquet"))
     assert s[["category", "method"]].values.tolist() == [["grass", "cutpaste"], ["__mean__", "cutpaste"]]
     assert storage.path("previews/quality_summary.png").stat().st_size > 0
+
+
+def test_nearest_support_distance_exposes_copies_of_the_support_set():
+    from ops.metrics.quality import _nearest_support, _nn_cols
+
+    g = torch.Generator().manual_seed(0)
+    support = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    holdout = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    real = [(None, "support", "hole")] * 3 + [(None, "holdout", "hole")] * 4
+    real_feats = (torch.cat([support, holdout]), None)
+
+    def ratio(fake):
+        items = {i: {"defect_type": "hole"} for i in range(len(fake))}
+        held = _nearest_support(items, list(items), real, (real_feats, (fake, None)))
+        return _nn_cols(list(items.values()), [d for _, d in held])
+
+    copies = ratio(support[[0, 1, 2, 0]] + 1e-6)
+    fresh = ratio(torch.randn(4, 16, generator=g, dtype=torch.float64))
+    assert copies["nn_support_effl0_min"] < 1e-6 and copies["nn_support_ratio"] < 0.01
+    assert 0.5 < fresh["nn_support_ratio"] < 2.0  # independent draws sit as far from the support as real defects
+    other = {0: {"defect_type": "scratch"}}  # no support of its own type: no distance, not a wrong one
+    _nearest_support(other, [0], real, (real_feats, (support[:1], None)))
+    assert math.isnan(other[0]["nn_support"])

@@ -37,7 +37,7 @@ def summary_table(evaluation_df: pd.DataFrame) -> pd.DataFrame:
     df = evaluation_df.drop_duplicates(subset=["category", "method", "detector", "checkpoint_path"]).copy()
     df["_rank"] = [order.get(label, 1 if base else 2) for label, base in zip(df["row_label"], df["is_baseline"])]
     df = df.sort_values(["category", "_rank", "method", "detector"], kind="stable")
-    cols = ["category", "row_label", "detector", *METRIC_COLUMNS, "n_test_defective", "n_test_good", "train_seconds"]
+    cols = ["category", "row_label", "detector", "weak_tau", *METRIC_COLUMNS, "n_test_defective", "n_test_good", "train_seconds"]
     return df[cols].reset_index(drop=True)
 
 

@@ -9,7 +9,8 @@ exports through anomalib's Engine like every other detector.
 AnoGen's weakly-supervised variant (``weak_tau``): generated anomalies come with box masks that also cover
 normal pixels, so inside the box the per-pixel loss is set to 0 where the network is already confident the
 pixel is normal, ``p_normal >= tau`` (AnoGen eq. for L'_seg; the paper's best tau is 0.9). Outside the box the
-loss is unchanged.
+loss is unchanged; tau = 1 is plain box supervision. In a mixed training set (Perlin + AnoGen) only the rows in
+``weak_paths`` (the box-labelled ones) get the weak rule.
 
 Choices made where the papers are vague:
 
@@ -69,10 +70,20 @@ def random_crops(images: torch.Tensor, masks: torch.Tensor, size: int) -> tuple[
     return torch.stack(out_x), torch.stack(out_m)
 
 
-def weak_supervision_keep(logits: torch.Tensor, box_mask: torch.Tensor, tau: float) -> torch.Tensor:
-    """AnoGen: 0 inside the box where ``p_normal >= tau`` (loss ignored), 1 everywhere else."""
+def weak_supervision_keep(logits: torch.Tensor, box_mask: torch.Tensor, tau: float,
+                          rows: torch.Tensor | None = None) -> torch.Tensor:
+    """AnoGen: 0 inside the box where ``p_normal >= tau`` (loss ignored), 1 everywhere else.
+
+    ``tau >= 1`` keeps every pixel: in real arithmetic p_normal < 1, so τ = 1 IS ordinary box supervision (the
+    paper's ablation row); float32 softmax saturates to exactly 1.0 for confident pixels, which ``>=`` would
+    otherwise drop. ``rows`` (bool (B,)): the samples whose masks are boxes (a Perlin + AnoGen mix keeps exact
+    supervision on the Perlin rows); None = every sample."""
+    if tau >= 1.0:
+        return torch.ones_like(box_mask, dtype=logits.dtype)
     p_normal = torch.softmax(logits.detach(), dim=1)[:, 0]
     ignore = box_mask.bool() & (p_normal >= tau)
+    if rows is not None:
+        ignore = ignore & rows.to(ignore.device).bool().view(-1, *([1] * (ignore.ndim - 1)))
     return (~ignore).to(logits.dtype)
 
 
@@ -115,15 +126,16 @@ class Segmenter(AnomalibModule):
                 raise ValueError(f"segmenter {name} must be a multiple of 32 (five 2x poolings), got {size}")
         self.model = SegmenterNet(base_width=base_width, score_kernel=score_kernel, bn_momentum=bn_momentum)
         self.lr, self.gamma, self.alpha, self.weak_tau, self.train_crop = lr, gamma, alpha, weak_tau, train_crop
+        self.weak_paths: set[str] | None = None  # image paths whose masks are boxes (None: all); set before training
 
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:
         size = image_size or (self._image_size, self._image_size)
         return PreProcessor(transform=Compose([Resize(size, antialias=True)]))
 
-    def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         per_pixel = focal_loss_map(logits, mask, self.gamma, self.alpha)
         if self.weak_tau is not None:
-            per_pixel = per_pixel * weak_supervision_keep(logits, mask, self.weak_tau)
+            per_pixel = per_pixel * weak_supervision_keep(logits, mask, self.weak_tau, rows)
         return per_pixel.mean()
 
     def training_step(self, batch: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -131,7 +143,8 @@ class Segmenter(AnomalibModule):
         images, masks = batch.image, batch.gt_mask
         if self.train_crop:
             images, masks = random_crops(images, masks, self.train_crop)
-        loss = self.loss(self.model(images), masks)
+        rows = None if self.weak_paths is None else torch.tensor([p in self.weak_paths for p in batch.image_path])
+        loss = self.loss(self.model(images), masks, rows)
         self.log("train_loss", loss.item(), on_epoch=True, prog_bar=False, logger=False)
         return {"loss": loss}
 

@@ -14,6 +14,10 @@ counts, backbone source, selection result). ``config.json`` is written last and 
 config and the input files' hashes: a rerun with the same fingerprint reuses the detector instead of
 retraining (idempotent reruns), any change retrains.
 
+Box-labelled methods (``weak_methods``, default AnoGen) train the segmenter with the weak loss at ``weak_tau``
+and, as extra rows (``ops.detection.mix``), at each τ of ``weak_ablation`` (``segmenter-tau1``: plain box
+supervision) and on the method's + Perlin anomalies (``segmenter-perlin``, ``mix_perlin``).
+
 Demo defaults keep a partition to seconds on 2 CPU cores: 128 px, the segmenter (``base_width`` 8, 64 px
 training crops, 60 steps at lr 2e-3) and the PatchCore reference. Paper settings (DRAEM / AnomalyDiffusion protocol):
 ``image_size=256``, ``options={"segmenter": {"base_width": 64, "lr": 1e-4, "train_crop": None,
@@ -44,6 +48,7 @@ from ops.detection import anomalib_models as am
 from ops.detection.backbones import OfflineBackbone, resolve_backbone
 from ops.detection.datamodule import SyntheticAnomalyDataModule, build_samples, check_no_test_leakage
 from ops.detection.evaluate import METRIC_COLUMNS, compute_metrics, predict_rows
+from ops.detection.mix import MIX_SOURCE, MIX_SUFFIX, base_detector, mixed_synthetic, tau_variant
 from ops.manifest import dumps, empty_frame, to_table
 from ops.methods.base import MethodConfig, Progress, no_progress
 from ops.methods.registry import BASELINES
@@ -102,6 +107,10 @@ class DetectionConfig(MethodConfig):
     mask_column: str = "auto"
     weak_tau: float = 0.9
     weak_methods: list[str] = field(default_factory=lambda: ["anogen"])  # box-mask methods: AnoGen weak variant
+    # for weak methods, extra segmenters (ops.detection.mix): one per τ here (1.0 = plain box supervision, the
+    # paper's ablation) and, with mix_perlin, one on the method's + as many Perlin anomalies (the paper's best)
+    weak_ablation: list[float] = field(default_factory=lambda: [1.0])
+    mix_perlin: bool = True
     backbone: str = "efficientnet_lite0"
     layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
     aupro_fpr_limit: float = 0.3
@@ -220,7 +229,8 @@ def _workspace(storage: Storage, rel: str) -> Iterator[Path]:
 
 
 def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConfig, weak_tau: float | None,
-         backbone: OfflineBackbone | None, workdir: Path, desc: str, progress: Progress) -> tuple[am.FitResult, Path]:
+         backbone: OfflineBackbone | None, workdir: Path, desc: str, progress: Progress,
+         weak_paths: set[str] | None = None) -> tuple[am.FitResult, Path]:
     """Build, train and select one detector in ``workdir``; returns the fit result and the torch export."""
     from lightning.pytorch import seed_everything
 
@@ -234,6 +244,8 @@ def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConf
         if isinstance(model, am.SyntheticDraem):
             train = samples[samples["split"] == "train"]
             model.recon_paths = dict(zip(train["image_path"], train["recon_path"]))
+        if weak_paths is not None:
+            model.weak_paths = weak_paths
         result = am.fit(model, dm, workdir, cfg.steps_for(detector), val_every=cfg.val_every,
                         select=detector not in am.ONE_CLASS, progress=progress, desc=desc,
                         enable_progress_bar=cfg.enable_progress_bar, accelerator=cfg.accelerator)
@@ -245,8 +257,9 @@ def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConf
 
 def _train_one(storage: Storage, category: str, method: str, detector: str, samples: pd.DataFrame,
                cfg: DetectionConfig, weak_tau: float | None, backbone: OfflineBackbone | None,
-               partition_method: str, progress: Progress) -> dict[str, Any]:
+               partition_method: str, progress: Progress, weak_paths: set[str] | None = None) -> dict[str, Any]:
     rel = f"detectors/{category}/{method}/{detector}"
+    detector, variant = base_detector(detector), detector  # a variant (ops.detection.mix) trains its base model
     backbone = backbone if detector in am.NEEDS_BACKBONE else None
     source = backbone.source if backbone is not None else ""
     fingerprint = _fingerprint(detector, cfg, weak_tau, source, samples)
@@ -256,7 +269,7 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
         if done and done.get("fingerprint") == fingerprint and storage.path(done["checkpoint_path"]).exists():
             return {**done["row"], "partition_method": partition_method, "reused": True}
         result, export = _fit(detector, category, samples, cfg, weak_tau, backbone, workdir,
-                              f"{category}/{method}/{detector}", progress)
+                              f"{category}/{method}/{variant}", progress, weak_paths)
         paths = {"checkpoint_path": f"{rel}/checkpoints/best.ckpt", "export_path": f"{rel}/weights/torch/model.pt",
                  "samples_path": f"{rel}/samples.parquet", "config_path": f"{rel}/config.json"}
         if not storage.is_local:
@@ -264,13 +277,14 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
             storage.write_bytes(paths["export_path"], Path(export).read_bytes())
         storage.write_bytes(paths["samples_path"],
                             table_to_parquet_bytes(pa.Table.from_pandas(samples, preserve_index=False)))
-        config = {"detector": detector, "options": cfg.options_for(detector), "steps": cfg.steps_for(detector),
+        config = {"detector": detector, "variant": variant,
+                  "weak_rows": None if weak_paths is None else len(weak_paths), "options": cfg.options_for(detector), "steps": cfg.steps_for(detector),
                   "val_every": cfg.val_every, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
                   "anomaly_ratio": cfg.anomaly_ratio, "weak_tau": weak_tau, "val_source": cfg.val_source,
                   "val_fraction": cfg.val_fraction, "mask_column": cfg.mask_column,
                   "backbone": cfg.backbone if source else "", "layers": cfg.layers if source else [],
                   "seed": cfg.seed, "select_metric": am.SELECT_METRIC if select else ""}
-        row = {"category": category, "method": method, "detector": detector,
+        row = {"category": category, "method": method, "detector": variant,
                "trained_on": "synthetic" if select else "normal_only", "weak_tau": weak_tau,
                "mask_column": cfg.mask_column if select else "", "val_source": cfg.val_source if select else "",
                "select_metric": config["select_metric"], "val_score": result.val_score,
@@ -314,10 +328,31 @@ def train_detectors(storage: Storage, category: str, method: str, split_df: pd.D
         weak = cfg.weak_tau if (detector == "segmenter" and method in cfg.weak_methods) else None
         rows.append(_train_one(storage, category, REFERENCE_METHOD if one_class else method, detector, samples,
                                cfg, weak, backbone, method, progress))
+    if method in cfg.weak_methods and "segmenter" in cfg.detectors:
+        rows += _weak_variants(storage, category, method, split_df, synthetic_df, cfg, progress)
     progress(f"{category}/{method} detectors", len(cfg.detectors), len(cfg.detectors))
     df = pd.DataFrame(rows)
     to_table(df, DETECTOR_SCHEMA, "anomaly_detectors")  # fail here, not in the IO manager, on a schema slip
     return df[DETECTOR_SCHEMA.names]
+
+
+def _weak_variants(storage: Storage, category: str, method: str, split_df: pd.DataFrame, synthetic_df: pd.DataFrame,
+                   cfg: DetectionConfig, progress: Progress) -> list[dict[str, Any]]:
+    """AnoGen's ablation rows: the segmenter at each τ of ``weak_ablation``, and on a Perlin + method mix."""
+    rows = []
+    samples = build_samples(storage, split_df, synthetic_df, mask_column=cfg.mask_column, val_source=cfg.val_source,
+                            val_fraction=cfg.val_fraction, seed=cfg.seed)
+    for tau in cfg.weak_ablation:
+        rows.append(_train_one(storage, category, method, tau_variant("segmenter", tau), samples, cfg, float(tau),
+                               None, method, progress))
+    if cfg.mix_perlin and method != MIX_SOURCE:
+        mixed = mixed_synthetic(storage, category, method, split_df, synthetic_df, cfg.mask_column, cfg.seed)
+        samples = build_samples(storage, split_df, mixed, mask_column=cfg.mask_column, val_source=cfg.val_source,
+                                val_fraction=cfg.val_fraction, seed=cfg.seed)
+        boxes = {str(storage.path(p)) for p in synthetic_df["image_path"]}  # the weak rule: the method's rows only
+        rows.append(_train_one(storage, category, method, "segmenter" + MIX_SUFFIX, samples, cfg, cfg.weak_tau, None,
+                               method, progress, weak_paths=boxes))
+    return rows
 
 
 def _with_mask_column(synthetic_df: pd.DataFrame, refined_df: pd.DataFrame | None, column: str) -> pd.DataFrame:
@@ -334,10 +369,11 @@ def _with_mask_column(synthetic_df: pd.DataFrame, refined_df: pd.DataFrame | Non
     return merged
 
 
-def row_label(method: str) -> str:
+def row_label(method: str, detector: str = "") -> str:
     if method == REFERENCE_METHOD:
         return "no synthetic data"
-    return f"baseline: {method}" if method in BASELINES else f"synthetic: {method}"
+    mix = f" + {MIX_SOURCE}" if detector.endswith(MIX_SUFFIX) else ""
+    return f"baseline: {method}" if method in BASELINES else f"synthetic: {method}{mix}"
 
 
 def held_out_rows(split_df: pd.DataFrame) -> pd.DataFrame:
@@ -366,13 +402,13 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
         backbone = resolve_backbone(config["backbone"], _backbone_cache(storage)) if config["backbone"] else None
         start = time.perf_counter()
         with _quiet(), tempfile.TemporaryDirectory(prefix="dtd-empty-") as dtd_dir:
-            model = am.build_model(det.detector, config["options"], int(config["image_size"]), backbone=backbone,
+            model = am.build_model(base_detector(det.detector), config["options"], int(config["image_size"]), backbone=backbone,
                                    dtd_dir=dtd_dir, weak_tau=config["weak_tau"])
             load_weights(model, storage.path(det.checkpoint_path))
             preds = predict_rows(model, test, batch_size=cfg.eval_batch_size)
         metrics = compute_metrics(preds.scores, preds.labels, preds.maps, preds.masks, fpr_limit=cfg.aupro_fpr_limit)
         rows.append({"category": det.category, "method": det.method, "detector": det.detector,
-                     "row_label": row_label(det.method), "is_baseline": det.method in BASELINES,
+                     "row_label": row_label(det.method, det.detector), "is_baseline": det.method in BASELINES,
                      "trained_on": det.trained_on, "weak_tau": det.weak_tau,
                      "n_test_good": int((preds.labels == 0).sum()), "n_test_defective": int((preds.labels == 1).sum()),
                      **metrics, "aupro_fpr_limit": cfg.aupro_fpr_limit,

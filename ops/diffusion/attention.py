@@ -34,11 +34,20 @@ Choices where papers are vague:
   explicit softmax path everywhere (to check it equals the default). The explicit path computes softmax in
   float32.
 - Step indices are those passed to ``set_step`` (sampling step i of ddim.sample, or inversion step k−1).
+- Memory (issue 15): the explicit path runs over chunks of query rows whenever a branch's float32 score tensor
+  (n, heads, Nq, Nk) would exceed ``chunk_bytes`` (default 256 MiB, or ``$ANOMALY_FORGE_ATTN_CHUNK_MB``); at
+  SD's 64x64 self-attention with 8 targets that tensor is 4 GiB, so a 24 GB card would otherwise hold several.
+  ``query_chunk`` = an int forces that many rows per chunk, None never chunks. Every rule acts per query row
+  (re-weighting rows, graft stitching, region masks), so chunked results equal unchunked ones up to float
+  rounding of the row-sliced matmuls (tests/test_attention_chunking.py). Captured probabilities are kept as the
+  mean over heads (what Capture stores), built chunk by chunk, so no (heads, Nq, Nk) tensor is ever whole.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Iterable, Sequence
+
+import os
 
 import numpy as np
 import torch
@@ -46,6 +55,7 @@ import torch.nn.functional as F
 
 from ops.diffusion.blend import latent_mask
 
+CHUNK_BYTES = 256 * 2**20  # default budget of one branch's float32 score tensor before query chunking
 StepSelect = Collection[int] | Callable[[int], bool] | None
 LayerSelect = Collection[str] | Callable[["LayerInfo"], bool] | None
 
@@ -130,9 +140,16 @@ class TokenRegions:
 class AttentionController:
     """Installs controlled processors on ``unet`` inside ``with controller:``; rules via :meth:`add`."""
 
-    def __init__(self, unet: Any, rules: Iterable[Any] = (), explicit: bool = False, store_device: Any = None):
+    def __init__(self, unet: Any, rules: Iterable[Any] = (), explicit: bool = False, store_device: Any = None,
+                 query_chunk: int | str | None = "auto", chunk_bytes: int | None = None):
         from diffusers.models.attention_processor import Attention
 
+        if not (query_chunk in ("auto", None) or (isinstance(query_chunk, int) and query_chunk >= 1)):
+            raise ValueError(f"query_chunk must be 'auto', None or a positive int, got {query_chunk!r}")
+        self.query_chunk = query_chunk
+        env_mb = os.environ.get("ANOMALY_FORGE_ATTN_CHUNK_MB")
+        self.chunk_bytes = int(chunk_bytes if chunk_bytes is not None
+                               else float(env_mb) * 2**20 if env_mb else CHUNK_BYTES)
         self.unet = unet
         self.rules: list[Any] = []
         self.explicit = explicit
@@ -262,6 +279,15 @@ class AttentionController:
                                f"it must run before {target!r} in the same step (use a BranchRunner with both "
                                f"branches)") from None
 
+    def chunk_rows(self, n: int, heads: int, n_q: int, n_k: int) -> int:
+        """Query rows per chunk of the explicit path (n_q = no chunking)."""
+        if self.query_chunk is None:
+            return n_q
+        if self.query_chunk != "auto":
+            return min(int(self.query_chunk), n_q)
+        row_bytes = n * heads * n_k * 4  # one float32 score row across the branch's samples and heads
+        return n_q if row_bytes * n_q <= self.chunk_bytes else max(1, self.chunk_bytes // row_bytes)
+
     def keep(self, kind: str, branch: str, layer: str, name: str, probs: torch.Tensor) -> None:
         key = (kind, branch, self.step, layer, name)
         self.captured[key] = probs.detach().to(self.store_device) if self.store_device else probs.detach()
@@ -373,14 +399,14 @@ class ControlledProcessor:
             if not m_r.any(dim=1).all():
                 raise ValueError("graft reference mask is empty: the target would attend to no key")
             fg_bias = _add_bias(bias, m_r[:, None, None, :])
-            p_fg, o_fg = self._attend(attn, info, q, kr, vr, fg_bias, need_probs, name, reweights)
-            p_bg, o_bg = self._attend(attn, info, q, kn, vn, bias, need_probs, name, reweights)
+            p_fg, o_fg = self._attend(attn, info, q, kr, vr, fg_bias, need_probs, name, reweights, bool(captures))
+            p_bg, o_bg = self._attend(attn, info, q, kn, vn, bias, need_probs, name, reweights, bool(captures))
             out = torch.where(m_t, o_fg, o_bg)
-            probs = torch.where(m_t, p_fg, p_bg) if need_probs else None
+            probs = torch.where(m_t[:, 0], p_fg, p_bg) if captures else None
         else:
-            probs, out = self._attend(attn, info, q, k, v, bias, need_probs, name, reweights)
+            probs, out = self._attend(attn, info, q, k, v, bias, need_probs, name, reweights, bool(captures))
         for cap in captures:
-            p = probs.float().mean(1)  # (n, Nq, Nk), mean over heads
+            p = probs  # (n, Nq, Nk), float32 mean over heads
             if info.kind == "cross":
                 p = p.reshape(n, info.h, info.w, -1)
                 if cap.tokens is not None:
@@ -388,25 +414,40 @@ class ControlledProcessor:
             c.keep(info.kind, name, info.name, cap.name, p)
         return out
 
-    def _attend(self, attn, info, q, k, v, bias, need_probs, name, reweights):
-        """(probs or None, output) for one branch's Q against K/V."""
+    def _attend(self, attn, info, q, k, v, bias, need_probs, name, reweights, keep_probs=False):
+        """(head-mean float32 probs if ``keep_probs`` else None, output) for one branch's Q against K/V; the
+        explicit path runs over query chunks (see the module docstring, "Memory")."""
         if not need_probs:
             mask = None
             if bias is not None:
                 mask = bias.to(q.dtype) if bias.dtype != torch.bool else bias
             return None, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
-        if bias is not None:
-            scores = scores.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else scores + bias.float()
-        probs = scores.softmax(dim=-1)
-        for r in reweights:
-            probs = self._reweight(r, info, probs, q.shape[0], q.device)
-        return probs, torch.matmul(probs.to(v.dtype), v)
+        n, heads, n_q, _ = q.shape
+        step = self.c.chunk_rows(n, heads, n_q, k.shape[2])
+        kt = k.float().transpose(-1, -2)
+        outs, means = [], []
+        for start in range(0, n_q, step):
+            rows = slice(start, min(start + step, n_q))
+            scores = torch.matmul(q[:, :, rows].float(), kt) * attn.scale
+            b = bias if bias is None or bias.shape[-2] == 1 else bias[..., rows, :]
+            if b is not None:
+                scores = scores.masked_fill(~b, float("-inf")) if b.dtype == torch.bool else scores + b.float()
+            probs = scores.softmax(dim=-1)
+            del scores
+            for r in reweights:
+                probs = self._reweight(r, info, probs, n, q.device, rows)
+            outs.append(torch.matmul(probs.to(v.dtype), v))
+            if keep_probs:
+                means.append(probs.mean(1))
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        return (torch.cat(means, dim=1) if len(means) > 1 else means[0]) if keep_probs else None, out
 
-    def _reweight(self, r: Reweight, info: LayerInfo, probs: torch.Tensor, n: int, dev) -> torch.Tensor:
+    def _reweight(self, r: Reweight, info: LayerInfo, probs: torch.Tensor, n: int, dev,
+                  q_rows: slice = slice(None)) -> torch.Tensor:
+        """``probs`` holds the query rows ``q_rows`` of the layer (a chunk, or all of them)."""
         factor = r.factor(self.c.step) if callable(r.factor) else float(r.factor)
         n_k = probs.shape[-1]
-        rows = (self.c.mask_at(r.query_mask, info.h, info.w, n, dev) if r.query_mask is not None
+        rows = (self.c.mask_at(r.query_mask, info.h, info.w, n, dev)[:, q_rows] if r.query_mask is not None
                 else torch.ones(1, probs.shape[-2], dtype=torch.bool, device=dev))
         if info.kind == "cross":
             cols = torch.zeros(1, n_k, dtype=torch.bool, device=dev)

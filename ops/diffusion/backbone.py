@@ -1,4 +1,8 @@
-"""Loading the diffusion backbone (DESIGN §3): ``tiny``, a local diffusers folder, or a hub id.
+"""Loading the diffusion backbone (DESIGN §3): ``forge-base``, ``tiny``, ``sd15-shape``, a local diffusers folder,
+or a hub id.
+
+``sd15-shape`` (ops/diffusion/sd15_shape.py) is SD 1.5's architecture with seeded RANDOM weights, for speed and
+memory benchmarks at true scale only: never use it for quality or detection figures (loading it logs a warning).
 
 ``load_backbone`` returns a :class:`Backbone` holding the Stable-Diffusion components. Choices:
 - One backbone per process per (model, device, dtype, attention): a module-level cache, because methods, the
@@ -15,10 +19,13 @@
   ``HF_HUB_OFFLINE=1`` hub ids resolve from the HF cache only (``local_files_only``). A missing model raises
   ``FileNotFoundError`` naming the folder/cache and how to fix it; nothing downloads unless the HF libraries are
   allowed to (online and not offline-forced).
+- ``forge-base`` is the project's own trained small model (``ops.forge_base``): the name resolves to its shipped
+  diffusers folder, which then loads exactly as a user's SD folder does; ``model_id`` stays "forge-base".
 - ``resolution`` = unet sample_size x VAE downsampling factor (512 for SD 1.5, 128 for tiny).
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -28,6 +35,7 @@ from typing import Any
 import torch
 
 TINY = "tiny"
+FORGE_BASE = "forge-base"
 _CACHE: dict[tuple[str, str, str, str], "Backbone"] = {}
 _LOCK = threading.Lock()
 
@@ -45,6 +53,7 @@ class Backbone:
     resolution: int
     latent_scale: float
     attention: str = "sdpa"
+    fast: Any = None  # ops.diffusion.fastpath.FastPath once apply_fast_path ran (None: every switch off)
     _null_embedding: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -167,6 +176,15 @@ def build_backbone(model: str = TINY, device: str | torch.device = "auto", dtype
         from ops.diffusion.tiny import build_tiny_components
 
         parts = build_tiny_components()
+    elif model == FORGE_BASE:
+        from ops.forge_base import model_dir
+
+        parts = _load_components(str(model_dir()))
+    elif model == "sd15-shape":  # benchmarks only: random weights, see ops/diffusion/sd15_shape.py
+        from ops.diffusion.sd15_shape import NOT_FOR_QUALITY, build_sd15_shape_components
+
+        logging.getLogger(__name__).warning(NOT_FOR_QUALITY)
+        parts = build_sd15_shape_components(dev)
     else:
         parts = _load_components(model)
     for name in ("unet", "vae", "text_encoder"):

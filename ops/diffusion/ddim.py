@@ -11,7 +11,8 @@ One move between levels, both directions (eq. 3 and 4 of papers/bg_disentangle_d
 
 ``keep`` (default 1) is the masked-noise factor of eq. 8; this equals the familiar x0-form of DDIM exactly in
 real arithmetic. The math runs in float32 whatever the UNet dtype, so half-precision UNets do not accumulate
-rounding in the latents.
+rounding in the latents. Sampling runs under ``torch.no_grad``, or ``torch.inference_mode`` when the backbone's
+fast path asks for it (ops/diffusion/fastpath.py).
 
 Guidance: each step computes every :class:`~ops.diffusion.branches.Branch`'s ε (one batched UNet call or
 sequential calls, see branches.py), then a ``guidance`` function maps {branch: ε} to {latent stream: ε}.
@@ -28,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ops.diffusion.branches import Branch, BranchRunner
+from ops.diffusion.fastpath import grad_off
 from ops.progress import progress_bar
 
 Guidance = Callable[[Mapping[str, torch.Tensor], "StepState"], dict[str, torch.Tensor]]
@@ -139,7 +141,7 @@ def sample(backbone: Any, latents: torch.Tensor | Mapping[str, torch.Tensor], br
     guidance = guidance or single(branches[0].name, branches[0].latent)
     controller = runner.controller
     steps = range(start_step, grid.num_steps)
-    with progress_bar(progress or "DDIM sampling", total=len(steps)) as bar:
+    with grad_off(backbone), progress_bar(progress or "DDIM sampling", total=len(steps)) as bar:
         for i in steps:
             a, b = grid.step_levels(i)
             t = grid.timesteps[a]

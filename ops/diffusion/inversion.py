@@ -17,6 +17,8 @@ Choices:
 - ``mask`` is a bool latent-grid tensor (B or 1, 1, h, w) or a pixel mask (converted with
   ``blend.latent_mask(..., rule="any")``).
 - Masked cross-attention during inversion (eq. 11) comes from an attention controller on the ``runner``.
+- Precision: latents are float32 between steps; with the fast path's ``fp32_inversion`` a half-precision UNet
+  runs in float32 for the inversion (ops/diffusion/fastpath.py), and ``inference_mode`` replaces no_grad.
 - Measured reconstruction tolerance, max |reconstruct(invert(z0)) − z0| / max |z0|, float32, no CFG, 50 steps:
   with an exact denoiser (Gaussian data, tests/test_ddim_inversion.py) 0.052 for "current" and 0.025 for "next",
   halving each time the steps double (a first-order method); reversing the timestep order breaks it (> 0.3).
@@ -34,6 +36,7 @@ import torch
 from ops.diffusion.blend import Trajectory, latent_mask
 from ops.diffusion.branches import BranchRunner
 from ops.diffusion.ddim import Callback, DDIMGrid, cfg_branches, ddim_grid, ddim_move, sample
+from ops.diffusion.fastpath import fp32_unet, grad_off
 from ops.progress import progress_bar
 
 EPS_TIMESTEPS = ("current", "next")
@@ -78,7 +81,8 @@ def invert(backbone: Any, z0: torch.Tensor, cond: torch.Tensor, num_steps: int =
         z = torch.where(m, torch.zeros_like(z), z)  # (1 − m) ⊙ z0, exactly 0 inside
     start = z
     levels = [z.to(trajectory_device or z.device)] if keep_trajectory else None
-    with progress_bar(progress or "DDIM inversion", total=grid.num_steps) as bar:
+    bar_ctx = progress_bar(progress or "DDIM inversion", total=grid.num_steps)
+    with grad_off(backbone), fp32_unet(backbone), bar_ctx as bar:
         for k in range(1, grid.num_steps + 1):
             t = grid.timesteps[k - 1] if eps_timestep == "current" else grid.timesteps[k]
             if runner.controller is not None:

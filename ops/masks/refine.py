@@ -16,10 +16,10 @@ Three refinements per synthetic row, all kept (PNG + area + IoU against the targ
           renormalised by its maximum inside the dilated target (as APO's placed mode does), thresholded at
           ``localization_threshold``, kept inside the dilated target.
 
-Final mask: ``final[method]`` (defaults: apo -> localization, bgdisentangle -> attention, the classical baselines
--> method, every other method -> ``final_default`` = diff). ``method`` is the method's own mask (``mask_path``),
-``target`` the target mask. When the chosen mask is missing or empty the method's own mask is used and the
-reason is written to ``final_note``, so no row silently changes kind.
+Final mask: ``final[method]`` (defaults: apo -> localization, bgdisentangle -> attention, anogen -> target (its
+box), the classical baselines, o2mag and cadiff -> method, every other method -> ``final_default`` = diff). ``method`` is the method's own mask
+(``mask_path``), ``target`` the target mask. When the chosen mask is missing or empty the method's own mask is used
+and the reason is written to ``final_note``, so no row silently changes kind.
 Extras are read from ``extras_json`` ({name: path relative to the storage root} or {name: {"path": ...}}); .npy,
 .npz (first array) and PNG maps (8/16 bit, scaled to [0, 1]) are accepted.
 """
@@ -49,8 +49,10 @@ FINAL_CHOICES = KINDS + ("method", "target")
 REFINED_ASSET = "refined_masks"
 # o2mag decodes the whole image (its background drifts slightly), so a difference mask would spread over it; its own
 # mask is M_T, already narrowed by the captured cross-attention when its refine_mask option is on.
+# anogen: its box is the weak label the paper trains with (the weak segmenter loss handles its normal pixels).
+# cadiff's own mask is already the target refined by its anomaly token's attention (eq. 13, with a fallback).
 DEFAULT_FINAL = {"apo": "localization", "bgdisentangle": "attention", "cutpaste": "method", "perlin": "method",
-                 "o2mag": "method"}
+                 "o2mag": "method", "anogen": "target", "cadiff": "method"}
 
 REFINED_SCHEMA = pa.schema([
     ("category", pa.string()), ("method", pa.string()), ("defect_type", pa.string()), ("index", pa.int64()),

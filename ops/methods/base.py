@@ -49,6 +49,11 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     needs_backbone: ClassVar[bool] = False  # True: the stage passes the DiffusionBackbone's loaded models
     needs_reference: ClassVar[bool] = True  # True: each job carries a support anomaly of its defect type
+    target_mode: ClassVar[str | None] = None  # "affine" | "box": the method's own target sampler (None: the pipeline's)
+
+    def target_options(self, cfg: MethodConfig, category: str) -> dict[str, Any]:
+        """Options for ``ops.masks.targets.sample_target_mask`` this method needs (e.g. AnoGen's box sizes)."""
+        return {}
 
     def config(self, values: dict[str, Any] | None = None) -> MethodConfig:
         return self.config_cls.from_dict(values)

@@ -13,6 +13,9 @@ _METHODS: dict[str, str] = {
     "perlin": "ops.methods.perlin:Perlin",
     "apo": "ops.methods.apo:APO",
     "o2mag": "ops.methods.o2mag:O2MAG",
+    "anogen": "ops.methods.anogen:AnoGen",
+    "bgdisentangle": "ops.methods.bgdisentangle:BgDisentangle",
+    "cadiff": "ops.methods.cadiff:CADiff",
 }
 
 BASELINES = ("cutpaste", "perlin")

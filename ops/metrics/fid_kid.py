@@ -83,10 +83,14 @@ def inception_score(logits: torch.Tensor, splits: int, seed: int) -> tuple[float
         warnings.simplefilter("ignore", UserWarning)
         metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits)
     metric.update(logits.double())
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # one split has no spread: torch's std warns "degrees of freedom <= 0" and returns NaN; report the
+        # spread as undefined (NaN, with a note from set_metrics) instead of logging a warning per partition
+        if splits < 2:
+            warnings.filterwarnings("ignore", message=".*degrees of freedom.*")
         torch.manual_seed(seed)
         mean, std = metric.compute()
-    return float(mean), float(std)
+    return float(mean), float(std) if splits >= 2 else math.nan
 
 
 def set_metrics(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits: torch.Tensor, *,
@@ -107,6 +111,8 @@ def set_metrics(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits:
     is_m = is_s = nan
     if n_fake >= 1:
         is_m, is_s = inception_score(fake_logits, splits, seed)
+        if splits < 2:
+            notes.append(f"IS spread (is_std) undefined: {n_fake} generated images make one split; >= 4 give two")
     else:
         splits = 0
     return SetMetrics(fid=f, kid_mean=kid_m, kid_std=kid_s, kid_subset_size=subset, kid_subsets=kid_subsets,

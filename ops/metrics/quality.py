@@ -10,6 +10,11 @@ One row per defect type plus one pooled row (``defect_type == ALL``) per partiti
   distance, see :mod:`ops.metrics.features`), so runs on machines with and without user weights share columns.
 - ``bg_psnr``, ``bg_ssim`` (background preservation, :mod:`ops.metrics.background`), ``mask_iou_*`` (IoU of the
   target mask vs the final refined mask), counts.
+- Memorisation (EfficientNet-Lite0 pooled features, cosine distance): ``nn_support_effl0`` = mean over generated
+  images of the distance to the closest SUPPORT image of their defect type (``nn_support_effl0_min`` the
+  smallest), ``nn_holdout_effl0`` = the same for the held-out REAL defects of that type, and
+  ``nn_support_ratio`` = their ratio. Real defects of a type are as far from its support images as
+  independent samples are; a ratio well below 1 means the method copies its support images.
 
 Choices where the issue or papers leave room:
 - FID/KID reference = the real defect images of the same type; ``real_reference`` = ``all`` (support + held-out,
@@ -62,18 +67,22 @@ SET_COLS = ["fid", "kid_mean", "kid_std", "is_mean", "is_std"]
 IC_COLS = ["ic_lpips_ad", "ic_lpips_dfm", "ic_lpips_dfm_rz", "ic_lpips_a",
            "ic_effl0_ad", "ic_effl0_dfm", "ic_effl0_dfm_rz", "ic_effl0_a"]
 BG_COLS = ["bg_psnr", "bg_ssim", "bg_lpips", "bg_effl0"]
+NN_COLS = ["nn_support_effl0", "nn_support_effl0_min", "nn_holdout_effl0", "nn_support_ratio"]
 QUALITY_SCHEMA = pa.schema(
     [("category", pa.string()), ("method", pa.string()), ("defect_type", pa.string()),
      ("n_generated", pa.int64()), ("n_real", pa.int64()), ("n_support", pa.int64())]
     + [(c, _F) for c in SET_COLS] + [(effl0_col(c), _F) for c in SET_COLS]
     + [("kid_subset_size", pa.int64()), ("kid_subsets", pa.int64()), ("is_splits", pa.int64())]
     + [(c, _F) for c in IC_COLS + BG_COLS]
-    + [("mask_iou_mean", _F), ("mask_iou_min", _F), ("final_area_mean", _F),
+    + [("mask_iou_mean", _F), ("mask_iou_min", _F), ("final_area_mean", _F)]
+    + [(c, _F) for c in NN_COLS]
+    + [
        ("sources_json", pa.string()), ("clusters_json", pa.string()), ("notes", pa.string()),
        ("params_json", pa.string()), ("seconds", _F)])
 SUMMARY_COLS = ["category", "method", "n_generated", "n_real", "fid", "fid_effl0", "kid_mean", "kid_effl0_mean",
                 "is_mean", "is_effl0_mean", "ic_lpips_ad", "ic_lpips_dfm", "ic_effl0_ad", "ic_effl0_dfm",
-                "ic_lpips_a", "ic_effl0_a", "bg_psnr", "bg_ssim", "bg_lpips", "bg_effl0", "mask_iou_mean"]
+                "ic_lpips_a", "ic_effl0_a", "bg_psnr", "bg_ssim", "bg_lpips", "bg_effl0", "mask_iou_mean",
+                "nn_support_ratio"]
 
 
 @dataclass
@@ -232,6 +241,7 @@ def quality_partition(storage: Storage, split_df: pd.DataFrame, synthetic_df: pd
     feats = {name: (_features(fe, [s.image for s, _, _ in real]),
                     _features(fe, [items[i]["image"] for i in order]))
              for name, fe in (("", nets.inception), ("_effl0", nets.lite0))}
+    holdout_nn = _nearest_support(items, order, real, feats["_effl0"])
     sources = _sources(nets)
     params = dumps({k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
     types = sorted({it["defect_type"] for it in items.values()})
@@ -244,6 +254,8 @@ def quality_partition(storage: Storage, split_df: pd.DataFrame, synthetic_df: pd
             support = [s for s, role, t in real if t == dt and role == "support"]
             row = _group_row([items[order[k]] for k in fake_idx], real_idx, fake_idx, support, feats, nets, cfg,
                              with_ic=dt != ALL)
+            row.update(_nn_cols([items[order[k]] for k in fake_idx],
+                                [d for t, d in holdout_nn if dt == ALL or t == dt]))
             if dt == ALL:  # clusters are per type: the pooled IC value is the mean over types
                 for c in IC_COLS:
                     vals = [r[c] for r in ic_by_type if not math.isnan(r[c])]
@@ -303,6 +315,43 @@ def _group_row(sel: list[dict], real_idx: list[int], fake_idx: list[int], suppor
     return row
 
 
+def _cosine_distance(a: Any, b: Any) -> Any:
+    import torch
+
+    a = torch.nn.functional.normalize(a.double(), dim=1)
+    b = torch.nn.functional.normalize(b.double(), dim=1)
+    return 1.0 - a @ b.T
+
+
+def _nearest_support(items: dict[int, dict[str, Any]], order: list[int], real: list, feats: tuple
+                     ) -> list[tuple[str, float]]:
+    """Store each generated image's distance to its type's closest support image (``nn_support``) in its item;
+    return (defect type, distance) of every held-out real defect to the same support set."""
+    real_pair, fake_pair = feats
+    if real_pair is None or fake_pair is None:
+        return []
+    real_f, fake_f = real_pair[0], fake_pair[0]
+    support = {t: [k for k, (_, role, tt) in enumerate(real) if role == "support" and tt == t]
+               for t in {t for _, _, t in real}}
+    for k, i in enumerate(order):
+        sup = support.get(items[i]["defect_type"], [])
+        items[i]["nn_support"] = float(_cosine_distance(fake_f[k:k + 1], real_f[sup]).min()) if sup else math.nan
+    out = []
+    for k, (_, role, t) in enumerate(real):
+        if role == "holdout" and support.get(t):
+            out.append((t, float(_cosine_distance(real_f[k:k + 1], real_f[support[t]]).min())))
+    return out
+
+
+def _nn_cols(sel: list[dict], holdout: list[float]) -> dict[str, float]:
+    gen = [it.get("nn_support", math.nan) for it in sel]
+    gen = [g for g in gen if not math.isnan(g)]
+    g = float(np.mean(gen)) if gen else math.nan
+    h = float(np.mean(holdout)) if holdout else math.nan
+    return {"nn_support_effl0": g, "nn_support_effl0_min": float(np.min(gen)) if gen else math.nan,
+            "nn_holdout_effl0": h, "nn_support_ratio": g / h if gen and holdout and h > 0 else math.nan}
+
+
 def _sources(nets: MetricBackbones) -> dict[str, str]:
     inc, lite = _src(nets.inception), nets.lite0.name
     vgg, alex, l0d = _src(nets.lpips["vgg"]), _src(nets.lpips["alex"]), nets.lite0_distance.name
@@ -311,7 +360,8 @@ def _sources(nets: MetricBackbones) -> dict[str, str]:
     out.update(ic_lpips_ad=vgg, ic_lpips_a=vgg, ic_lpips_dfm=alex, ic_lpips_dfm_rz=alex, bg_lpips=alex,
                ic_effl0_ad=l0d, ic_effl0_dfm=l0d, ic_effl0_dfm_rz=l0d, ic_effl0_a=l0d, bg_effl0=l0d,
                bg_psnr="pixels (no network)", bg_ssim="scikit-image SSIM (no network)",
-               mask_iou_mean="refined_masks final mask vs target mask")
+               mask_iou_mean="refined_masks final mask vs target mask",
+               **{c: lite for c in NN_COLS})
     return out
 
 
