@@ -10,6 +10,12 @@
 - 3-prediction step: the hierarchical step's three predictions (ε_ref(z), ε_ref(z, c), ε_θ(z, c)) as ONE batched
   UNet call vs three sequential calls (the baseline), with the same per-sample LoRA gates; median of
   ``--repeats`` after a warm-up; the outputs of both modes are compared.
+- β_t at small t (``--small-t-steps N``, 0 = skip; ``--only-small-t`` runs just this): the same seeded CPO
+  training (N AdamW steps, lr 1e-3, gradient clip 1) under each treatment of ``ops.methods.apo.loss``
+  ("none" = the raw weight, the baseline; "clip" and "skip" at t_small 50); reports, per treatment, the spread of
+  the per-step loss and of the pre-clip gradient norm (coefficient of variation, max/median), the fraction of
+  steps whose gradient was clipped, and the adapter it leaves: the stratified support loss
+  (``support_loss``, t at bin midpoints) and the LoRA update's norm ||ΔW|| = Σ ||B A||, as ratios to "none".
 Writes bench/out/bench_apo.json (gitignored) and prints a table. Timings on a shared CPU are noisy: compare
 numbers from one run only.
 """
@@ -34,8 +40,8 @@ from ops.diffusion.backbone import load_backbone  # noqa: E402
 from ops.diffusion.training import train  # noqa: E402
 from ops.diffusion.vae import encode  # noqa: E402
 from ops.methods.apo import ADAPTER_NAME, APO, read_taca  # noqa: E402
-from ops.methods.apo_loss import cpo_batch  # noqa: E402
-from ops.methods.apo_sampling import LoRAGate, apo_branches, generate, initial_noise  # noqa: E402
+from ops.methods.apo.loss import cpo_batch, support_loss  # noqa: E402
+from ops.methods.apo.sampling import LoRAGate, apo_branches, generate, initial_noise  # noqa: E402
 from ops.types import Sample  # noqa: E402
 
 
@@ -74,6 +80,45 @@ def bench_training(backbone, support, args) -> dict:
     per_step = np.diff(stamps + [end])[1:]  # first step = warm-up
     return {"train_step_s": float(np.median(per_step)), "train_steps_timed": len(per_step),
             "batch": args.batch, "rank": args.rank, "total_s": end - t0}
+
+
+def _train_small_t(backbone, latents, cond, small_t: str, args) -> dict:
+    params = lora.add_lora(backbone.unet, rank=args.rank, seed=0, adapter_name="smallt")
+    try:
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        rng = torch.Generator("cpu").manual_seed(0)
+        losses, norms = [], []
+        for _ in range(args.small_t_steps):
+            opt.zero_grad(set_to_none=True)
+            loss = cpo_batch(backbone.unet, backbone.scheduler, latents, cond, rng, 1000.0, 1, args.rank, args.batch,
+                             small_t=small_t, t_small=50)[0]
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+            opt.step()
+            losses.append(float(loss))
+        probe = support_loss(backbone.unet, backbone.scheduler, latents, cond, 1000.0, 1, args.rank)
+        mods = [m for m in backbone.unet.modules() if hasattr(m, "lora_A") and "smallt" in getattr(m, "lora_A", {})]
+        dw = sum(float((m.lora_B["smallt"].weight @ m.lora_A["smallt"].weight).norm()) for m in mods)
+    finally:
+        lora.remove_lora(backbone.unet, "smallt")
+    lo, gn = np.asarray(losses), np.asarray(norms)
+    return {"loss_cv": float(lo.std() / max(abs(lo.mean()), 1e-12)), "grad_cv": float(gn.std() / gn.mean()),
+            "grad_max_over_median": float(gn.max() / np.median(gn)), "clipped_frac": float((gn > 1.0).mean()),
+            "support_loss": probe, "delta_w": dw}
+
+
+def bench_small_t(backbone, support, args) -> dict:
+    latents = torch.cat([encode(backbone, s.image) for s in support])
+    cond = backbone.encode_prompt(["a photo of a bench with a crack defect"]).detach()
+    runs = {mode: _train_small_t(backbone, latents, cond, mode, args) for mode in ("none", "clip", "skip")}
+    out = {"small_t_steps": args.small_t_steps}
+    for mode, r in runs.items():
+        for k, v in r.items():
+            out[f"small_t_{mode}_{k}"] = v
+    for mode in ("clip", "skip"):  # ratios against the raw weight, measured in this process
+        for k in ("loss_cv", "grad_cv", "support_loss", "delta_w"):
+            out[f"small_t_{mode}_{k}_vs_none"] = runs[mode][k] / runs["none"][k] if runs["none"][k] else float("nan")
+    return out
 
 
 def bench_generation(backbone, adapter_dir: Path, args) -> dict:
@@ -129,17 +174,23 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--branch-mode", default="batched", choices=("batched", "sequential"))
+    ap.add_argument("--small-t-steps", type=int, default=40, help="training steps per β_t treatment (0 = skip)")
+    ap.add_argument("--only-small-t", action="store_true", help="run only the β_t small-t comparison")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     backbone = load_backbone(args.model, device=args.device, cache=False)
     support = [Sample(f"s{i}", "bench", "crack", img) for i, img in enumerate(_images(3, 96, 0))]
     result = {"model": args.model, "device": str(backbone.device), "threads": args.threads, "steps": args.steps}
-    result.update(bench_training(backbone, support, args))
-    with tempfile.TemporaryDirectory() as tmp:
-        method = APO()
-        cfg = method.config({"train_steps": 10, "rank": args.rank, "k_max": args.rank})
-        adapter = method.fit(backbone, support, cfg, Path(tmp))
-        result.update(bench_generation(backbone, adapter.path / "crack", args))
+    if args.small_t_steps > 0:
+        result.update(bench_small_t(backbone, support, args))
+    if not args.only_small_t:
+        result.update(bench_training(backbone, support, args))
+    if not args.only_small_t:
+        with tempfile.TemporaryDirectory() as tmp:
+            method = APO()
+            cfg = method.config({"train_steps": 10, "rank": args.rank, "k_max": args.rank})
+            adapter = method.fit(backbone, support, cfg, Path(tmp))
+            result.update(bench_generation(backbone, adapter.path / "crack", args))
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")

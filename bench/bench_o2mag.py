@@ -33,7 +33,7 @@ from ops.atomic import write_bytes_atomic  # noqa: E402
 from ops.diffusion.backbone import load_backbone  # noqa: E402
 from ops.diffusion.vae import encode  # noqa: E402
 from ops.methods.o2mag import O2MAGConfig, render_prompt, triag_settings  # noqa: E402
-from ops.methods.o2mag_triag import BranchCache, run_targets  # noqa: E402
+from ops.methods.o2mag.triag import BranchCache, run_targets  # noqa: E402
 
 VARIANTS = (("cached b=8", True, 8), ("cached b=1", True, 1), ("uncached b=8", False, 8), ("uncached b=1", False, 1))
 

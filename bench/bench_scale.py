@@ -224,7 +224,7 @@ def _train_step_times(calls: list[tuple[str, int, int, float, float]]) -> dict:
 def bench_o2mag_cache(bb, meter: Meter, args) -> dict:
     from ops.diffusion.vae import encode
     from ops.methods.o2mag import O2MAGConfig, render_prompt, triag_settings
-    from ops.methods.o2mag_triag import BranchCache, run_targets
+    from ops.methods.o2mag.triag import BranchCache, run_targets
 
     cfg = O2MAGConfig.from_dict({"preset": args.preset, "steps": args.gen_steps})
     s = triag_settings(cfg, bb, CATEGORY, DEFECT)

@@ -1,7 +1,7 @@
 """Query chunking of the attention controller's explicit path (issue 15): chunked == unchunked, chunks are real.
 
 Every rule is run once with ``query_chunk=None`` (whole score matrices) and with ragged chunks (37 rows: the
-last chunk of a 16x16 layer is shorter), on the tiny backbone; outputs and captured maps must agree to float
+last chunk of a 16x16 or 8x8 layer is shorter), on the tiny backbone; outputs and captured maps must agree to float
 rounding of the row-sliced matmuls.
 """
 from __future__ import annotations
@@ -77,10 +77,10 @@ def _rules_reweight(cond_tokens=(4, 5)):
 def test_reweight_and_capture_chunked_equal_unchunked(bb, cond, row_log):
     lat, br = {"x": _z(0, 2)}, [Branch("x", cond)]
     full = _run(bb, lat, br, _rules_reweight(), None)
-    assert set(row_log) == {256}  # unchunked: whole 16x16 layers
+    assert set(row_log) == {256, 64}  # unchunked: whole 16x16 and 8x8 layers
     row_log.clear()
     chunked = _run(bb, lat, br, _rules_reweight(), CHUNK)
-    assert max(row_log) == CHUNK and min(row_log) == 256 - 6 * CHUNK  # ragged last chunk
+    assert set(row_log) == {CHUNK, 256 - 6 * CHUNK, 64 - CHUNK}  # ragged last chunks at 16x16 and 8x8
     _assert_same(full, chunked)
     # the re-weighting acted (otherwise equality would prove little)
     plain = _run(bb, lat, br, [Capture("cross")], None)[0]
@@ -104,13 +104,17 @@ def test_graft_and_dae_chunked_equal_unchunked(bb, cond, row_log):
     assert max(row_log) == CHUNK
     _assert_same(full, chunked)
     # the captured self maps are the stitched ones: rows inside M_T put no mass on reference keys outside M_R
-    rows = latent_mask(torch.as_tensor(m_t), (16, 16), rule="majority").flatten(1)  # (2, 256)
-    keys = latent_mask(torch.as_tensor(_box(20, 80, 20, 80)), (16, 16), rule="majority").flatten()
+    seen = set()
     for (kind, branch, *_), p in chunked[1].items():
         if kind == "self":
-            inside = p[rows]  # (rows in M_T, 256 keys)
+            r = int(round(p.shape[-1] ** 0.5))  # the layer's grid: 16 or 8
+            seen.add(r)
+            rows = latent_mask(torch.as_tensor(m_t), (r, r), rule="majority").flatten(1)  # (2, r*r)
+            keys = latent_mask(torch.as_tensor(_box(20, 80, 20, 80)), (r, r), rule="majority").flatten()
+            inside = p[rows]  # (rows in M_T, r*r keys)
             assert inside[:, ~keys].abs().max() == 0 and inside[:, keys].sum(-1).min() > 0.5
             assert p[~rows][:, ~keys].sum() > 0  # rows outside M_T attend to the normal branch's keys
+    assert seen == {16, 8}
 
 
 def test_token_regions_chunked_equal_unchunked(bb, cond):
@@ -136,12 +140,13 @@ def test_auto_chunks_by_score_bytes(bb, cond, row_log):
     with pytest.raises(ValueError, match="query_chunk"):
         AttentionController(bb.unet, query_chunk=0)
     # "auto" under a 64 KiB budget chunks the real run: self rows 2 samples x 8 heads x 256 keys x 4 B = 16 KiB
-    # -> 4 rows per chunk; cross rows 2 x 8 x 77 x 4 B -> 13 rows per chunk (last one 256 - 19 x 13 = 9)
+    # -> 4 rows per chunk; cross rows 2 x 8 x 77 x 4 B -> 13 rows per chunk (last one 256 - 19 x 13 = 9); at 8x8
+    # self rows of 64 keys -> 16 rows per chunk (4 whole chunks), cross -> 13 rows (last one 64 - 4 x 13 = 12)
     lat, br = {"x": _z(0, 2)}, [Branch("x", cond)]
     full = _run(bb, lat, br, _rules_reweight(), None)
     row_log.clear()
     auto = _run(bb, lat, br, _rules_reweight(), "auto", chunk_bytes=64 * 2**10)
-    assert set(row_log) == {4, 13, 9}
+    assert set(row_log) == {4, 13, 9, 16, 12}
     _assert_same(full, auto)
 
 

@@ -8,6 +8,7 @@ from diffusers.models.attention_processor import Attention
 
 from ops.diffusion.attention import (AttentionController, Capture, ControlledProcessor, DelayedFocus, Graft,
                                      LayerInfo, Reweight, TokenRegions)
+from ops.diffusion.blend import latent_mask
 from ops.diffusion.branches import Branch, BranchRunner
 from ops.diffusion.ddim import sample
 
@@ -56,25 +57,49 @@ def test_identity_processor_matches_default_and_restores(bb, cond):
     assert all(bb.unet.attn_processors[k] is p for k, p in before.items())
 
 
+def _grid(bb, layer):
+    """The query grid of an attention layer, from the UNet's block structure (latent 32, one /2 per down block)."""
+    n = len(bb.unet.config.block_out_channels)
+    block, idx = layer.split(".")[0], int(layer.split(".")[1]) if not layer.startswith("mid") else n - 1
+    level = idx if block == "down_blocks" else n - 1 if block.startswith("mid") else n - 1 - idx
+    return bb.latent_size // 2 ** level
+
+
+def test_tiny_has_attention_at_two_resolutions(bb):
+    from ops.diffusion.tiny import TINY_ATTENTION_RESOLUTIONS
+
+    grids = sorted({_grid(bb, k) for k in bb.unet.attn_processors}, reverse=True)
+    assert grids == list(TINY_ATTENTION_RESOLUTIONS) and len(grids) >= 2
+
+
 def test_capture_shapes_and_normalisation(bb, cond):
     rules = [Capture("cross"), Capture("self", resolutions=[16]), Capture("cross", tokens=[1, 5], layers=["up"], name="sub")]
     out, ctl = _eps(bb, {"x": _z(1)}, [Branch("x", cond)], rules)
     torch.testing.assert_close(out["x"], _plain(bb, _z(1), cond), atol=1e-5, rtol=1e-5)  # capture only observes
-    cross = [v for k, v in ctl.captured.items() if k[0] == "cross" and k[4] == ""]
-    selfm = [v for k, v in ctl.captured.items() if k[0] == "self"]
-    assert len(cross) == 4 and len(selfm) == 4  # tiny UNet: 4 transformer blocks at 16x16
-    for m in cross:
-        assert m.shape == (1, 16, 16, 77)
-        torch.testing.assert_close(m.sum(-1), torch.ones(1, 16, 16), atol=1e-5, rtol=0)
-    for m in selfm:
+    cross = {k[3]: v for k, v in ctl.captured.items() if k[0] == "cross" and k[4] == ""}
+    selfm = {k[3]: v for k, v in ctl.captured.items() if k[0] == "self"}
+    cross_layers = [k for k, i in ctl.infos.items() if i.kind == "cross"]
+    assert sorted(cross) == sorted(cross_layers)  # every cross layer, at every resolution
+    assert sorted(selfm) == sorted(k for k, i in ctl.infos.items() if i.kind == "self" and _grid(bb, k) == 16)
+    for layer, m in cross.items():
+        r = _grid(bb, layer)
+        assert ctl.layer_hw[layer] == (r, r) and m.shape == (1, r, r, 77)
+        torch.testing.assert_close(m.sum(-1), torch.ones(1, r, r), atol=1e-5, rtol=0)
+    for m in selfm.values():
         assert m.shape == (1, 256, 256)
         torch.testing.assert_close(m.sum(-1), torch.ones(1, 256), atol=1e-5, rtol=0)
     assert ctl.maps("self", "x", 16).shape == (1, 256, 256)
-    assert ctl.maps("cross", "x", 16, name="sub").shape == (1, 16, 16, 2)
-    sub = [v for k, v in ctl.captured.items() if k[0] == "cross" and k[4] == "sub"]
-    assert len(sub) == 2 and all(s.shape == (1, 16, 16, 2) for s in sub)  # the two up-block layers
-    full_up = [v for k, v in ctl.captured.items() if k[0] == "cross" and k[4] == "" and k[3].startswith("up")]
-    torch.testing.assert_close(sub[0], full_up[0][..., [1, 5]])
+    for r in (16, 8):  # maps() averages only the layers at the asked resolution
+        at_r = [cross[k] for k in cross if _grid(bb, k) == r]
+        assert at_r and ctl.maps("cross", "x", r).shape == (1, r, r, 77)
+        torch.testing.assert_close(ctl.maps("cross", "x", r), torch.stack(at_r).mean(0))
+    with pytest.raises(ValueError, match="pass a resolution"):
+        ctl.maps("cross", "x")  # 16x16 and 8x8 maps cannot be averaged together
+    sub = {k[3]: v for k, v in ctl.captured.items() if k[0] == "cross" and k[4] == "sub"}
+    assert sorted(sub) == sorted(k for k in cross if k.startswith("up"))  # the up-block layers of both grids
+    for layer, m in sub.items():
+        torch.testing.assert_close(m, cross[layer][..., [1, 5]])
+    assert {_grid(bb, k) for k in sub} == {16, 8}
     with pytest.raises(KeyError, match="no captured"):
         ctl.maps("cross", "other-branch")
 
@@ -184,3 +209,79 @@ def test_delayed_focus_switches_on_after_the_threshold(bb, cond):
         assert len(dfs.history) == (1 if expect_on else 2)  # step 0 has no previous map; latched once on
         assert (dfs.on_since == 1) if expect_on else dfs.on_since is None
         assert all(0.0 <= a <= 1.0 for a in dfs.history)
+
+
+# ------------------------------------------------------------------ several attention resolutions
+
+def _cover(lo, hi, r, size=512):
+    """Fraction of each of the r cells of [0, size) that [lo, hi) covers."""
+    c = size / r
+    edges = np.arange(r) * c
+    return np.clip(np.minimum(edges + c, hi) - np.maximum(edges, lo), 0, None) / c
+
+
+def test_grid_and_mask_at_on_every_sd_resolution():
+    """SD's 64x64 latent has attention at 64/32/16/8: each query count maps to its grid, and a pixel mask lands on
+    each grid by the majority rule (a cell is in when the mask covers at least half of it)."""
+    ctl = AttentionController(torch.nn.Module())
+    ctl.begin_call([("x", 2)], (64, 64))
+    m = _box(100, 400, 40, 300, size=512)  # edges inside cells at every grid
+    per_sample = np.stack([m, np.zeros_like(m)])
+    for r in (64, 32, 16, 8):
+        assert ctl.grid(r * r) == (r, r)
+        got = ctl.mask_at(m, r, r, 2, torch.device("cpu")).reshape(r, r)
+        expect = torch.from_numpy(np.outer(_cover(100, 400, r), _cover(40, 300, r)) >= 0.5)
+        assert torch.equal(got, expect), r
+        both = ctl.mask_at(per_sample, r, r, 2, torch.device("cpu"))
+        assert both.shape == (2, r * r) and torch.equal(both[0].reshape(r, r), expect) and not both[1].any()
+    with pytest.raises(RuntimeError, match="cannot map"):
+        ctl.grid(100)
+    with pytest.raises(ValueError, match="2 samples but the branch has 3"):
+        ctl.mask_at(per_sample, 8, 8, 3, torch.device("cpu"))
+
+
+def test_reweight_on_the_8x8_layers_only(bb, cond):
+    """A rule restricted to resolution 8 scales the masked rows there and leaves the 16x16 layers untouched."""
+    m = _box(0, 64, 0, 128)  # top half: rows 0..3 of the 8x8 grid
+    first8 = next(k for k in bb.unet.attn_processors if _grid(bb, k) == 8 and k.endswith("attn2.processor"))
+    _, ctl = _eps(bb, {"x": _z(6)}, [Branch("x", cond)],
+                  [Reweight(3.0, tokens=[5], query_mask=m, resolutions=[8]), Capture("cross")])
+    _, base = _eps(bb, {"x": _z(6)}, [Branch("x", cond)], [Capture("cross")])
+    a, b = ctl.captured[("cross", "x", 0, first8, "")], base.captured[("cross", "x", 0, first8, "")]
+    assert a.shape == (1, 8, 8, 77)
+    torch.testing.assert_close(a[:, :4, :, 5], 3 * b[:, :4, :, 5], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a[:, 4:], b[:, 4:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a[:, :4, :, :5], b[:, :4, :, :5], atol=1e-6, rtol=1e-5)
+    down16 = next(k for k in bb.unet.attn_processors if k.startswith("down") and _grid(bb, k) == 16
+                  and k.endswith("attn2.processor"))  # runs before every 8x8 layer: exactly unchanged
+    assert torch.equal(ctl.captured[("cross", "x", 0, down16, "")], base.captured[("cross", "x", 0, down16, "")])
+
+
+def test_captured_token_map_refines_the_target_at_16_and_at_8(bb, cond):
+    """Capture -> eq. 13 at both resolutions: token regions pin token 5's attention to a known region (1 inside,
+    0 outside, on each layer's grid), so its captured map at 16 and at 8 IS that region, and eq. 13 on a larger
+    target mask gives the region back at pixel level from either map."""
+    from ops.masks.refine import attention_mask
+
+    region = _box(32, 96, 48, 112)  # aligned to 16 px cells = 8x8 cells of the 128 px image
+    target = _box(16, 112, 16, 128)
+    rules = [TokenRegions([(region, [5]), (None, [0, 1, 2])]), Capture("cross", tokens=[5])]
+    _, ctl = _eps(bb, {"x": _z(9)}, [Branch("x", cond)], rules)
+    for r in (16, 8):
+        a = ctl.maps("cross", "x", r)[0, ..., 0]
+        expect = latent_mask(region, (r, r), rule="majority")[0, 0].float()
+        torch.testing.assert_close(a, expect, atol=1e-6, rtol=0)
+        refined = attention_mask(a.numpy(), target)
+        # bilinear upsampling rounds the box's corners off (product of two edge ramps < 1/2): 97.7 % of it at 8, 99.4 % at 16
+        assert not (refined & ~region).any() and refined.sum() > 0.97 * region.sum(), r
+        assert not attention_mask(a.numpy(), _box(0, 0, 0, 0)).any()  # eq. 13 keeps only what m' allows
+
+
+def test_a_batch_that_does_not_match_the_announced_layout_raises(bb, cond):
+    ctl = AttentionController(bb.unet, rules=[Capture("cross", branches=["tgt"])])
+    z = torch.cat([_z(1), _z(2)])
+    with ctl, torch.no_grad():
+        ctl.begin_call([("ref", 1), ("tgt", 2)], (32, 32))  # announces 3 samples, the call holds 2
+        with pytest.raises(ValueError, match="announced branch layout"):
+            bb.unet(z, T, encoder_hidden_states=cond.expand(2, -1, -1))
+    assert not ctl.captured  # nothing was recorded under a wrong branch name

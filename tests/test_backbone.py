@@ -74,8 +74,13 @@ def test_save_pretrained_round_trip(bb, tmp_path):
     loaded = build_backbone(str(tmp_path / "tiny_sd"), device="cpu")
     assert loaded.resolution == bb.resolution and loaded.latent_scale == bb.latent_scale
     assert loaded.tokenizer("a photo of a scratch")["input_ids"] == bb.tokenizer("a photo of a scratch")["input_ids"]
-    assert torch.equal(_eps(loaded), _eps(bb))
-    assert not torch.equal(_eps(bb, seed=1), _eps(bb, seed=0))
+    for name in ("unet", "vae", "text_encoder"):  # the very same weights come back
+        a, b = getattr(bb, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # safetensors hands back tensors at unaligned addresses, and float kernels round the last bits differently
+    # there (measured 2e-6 on the tiny UNet; 0 once the loaded weights are cloned): equal up to float rounding
+    torch.testing.assert_close(_eps(loaded), _eps(bb), atol=1e-5, rtol=1e-5)
+    assert (_eps(bb, seed=1) - _eps(bb, seed=0)).abs().max() > 1e-2
     pipe = loaded.to_pipeline()
     assert pipe.unet is loaded.unet and pipe.safety_checker is None
     assert loaded.scheduler.config.steps_offset == 1

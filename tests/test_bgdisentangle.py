@@ -233,7 +233,7 @@ def test_synthesize_contract_determinism_and_own_masks(bb, fitted, normal):
         if r.params["mask"] == "eq13 refined":
             assert np.array_equal(attention_mask(att, r.job.target_mask), r.mask)
         # demo preset: outside the generated latent cells the normal image is kept to the bit
-        from ops.methods.o2mag_triag import generated_region
+        from ops.methods.o2mag.triag import generated_region
 
         region = generated_region(r.job.target_mask, (bb.latent_size, bb.latent_size))
         assert np.array_equal(r.image[~region], normal.image[~region])

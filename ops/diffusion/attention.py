@@ -16,9 +16,9 @@ holds rules; the processors apply the rules active at the current step/layer to 
   lies in, softmax over that group: m' ⊙ softmax(QK_def^T)V_def + (1 − m') ⊙ softmax(QK_bg^T)V_bg.
 
 Batched and sequential branch calls give the same results: the BranchRunner announces the batch layout (branch
-names and sizes) before every UNet call, the processors split Q/K/V per branch, and grafting sources'
-K/V are stored per (step, layer) when computed, then read by the target branch in the same or a later call of
-that step (the runner runs sources first).
+names and sizes) before every UNet call (a batch that does not match the announced layout raises), the
+processors split Q/K/V per branch, and grafting sources' K/V are stored per (step, layer) when computed, then
+read by the target branch in the same or a later call of that step (the runner runs sources first).
 
 Choices where papers are vague:
 - Masks are pixel masks (bool HxW, or NxHxW per sample of a branch) resized to each layer's grid with the
@@ -354,7 +354,11 @@ class ControlledProcessor:
         bias = None
         if attention_mask is not None:
             bias = attn.prepare_attention_mask(attention_mask, k.shape[2], batch).view(batch, heads, -1, k.shape[2])
-        layout = self.c.layout if sum(n for _, n in self.c.layout) == batch else [("x", batch)]
+        layout = self.c.layout
+        if sum(n for _, n in layout) != batch:  # never guess: every sample would be treated as one branch
+            raise ValueError(f"attention layer {info.name} got a batch of {batch} but the announced branch layout "
+                             f"{layout} holds {sum(n for _, n in layout)}; announce each UNet call's layout with "
+                             f"controller.begin_call (a BranchRunner does) before calling the UNet")
         outs, start = [], 0
         for name, n in layout:
             sl = slice(start, start + n)

@@ -40,7 +40,7 @@ from ops.methods.bgdisentangle.conditioning import (BG_PROMPT, DEF_PROMPT, M_PRO
 from ops.methods.bgdisentangle.fit import TRAIN_FIELDS, adapted, fit_one, read_info
 from ops.methods.bgdisentangle.sampling import (InversionCache, background_run, denoise, invert_masked, refine,
                                                 start_latents, target_latent_mask)
-from ops.methods.o2mag_triag import generated_region
+from ops.methods.o2mag.triag import generated_region
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 

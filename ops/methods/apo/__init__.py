@@ -1,10 +1,10 @@
 """APO (Anomaly-Preference Optimisation, papers/apo.md) as the ``apo`` generation method.
 
 Training (``fit``): per defect type of the category, a LoRA on the UNet's attention projections
-(``ops.diffusion.lora``) is trained with the CPO loss (``ops.methods.apo_loss``) under TACA's per-sample rank gate
+(``ops.diffusion.lora``) is trained with the CPO loss (``ops.methods.apo.loss``) under TACA's per-sample rank gate
 (``ops.diffusion.taca``) by the toolkit's seeded, checkpointed loop (``ops.diffusion.training``). The reference
 ε_ref is the same UNet with its LoRA disabled, so only the LoRA trains. Synthesis (``synthesize``): hierarchical
-sampling with deviation-guided localization (``ops.methods.apo_sampling``).
+sampling with deviation-guided localization (``ops.methods.apo.sampling``).
 
 Files per defect type under ``out_dir/<defect_type>/``: ``pytorch_lora_weights.safetensors`` (diffusers LoRA
 format, ``pipe.load_lora_weights`` reads it), ``taca.json`` (the TACA schedule k_min/k_max/T the adapter must be
@@ -22,6 +22,11 @@ Choices where the paper is vague (see also the two helper modules):
   LoRA practice since the paper publishes no hyper-parameters. Explicit options override the preset.
 - β = 1000 in both presets: with λ' taken per unit of normalised time, β_t on SD's schedule is ≈ 3300–6000 for
   t in [150, 1000), the order of Diffusion-DPO's weight on SD 1.5 (½·5000 = 2500 with the same per-element mean).
+- β_t at small t: ``small_t="clip"`` with ``t_small=50`` by default (β_t capped at its largest value over
+  [50, T)); "skip" draws t from [t_small, T), "none" keeps the raw weight (``ops.methods.apo.loss``).
+- Ablation switches (the paper's ablations, as config options): ``cpo=False`` trains the LoRA with the plain
+  denoising MSE under the TACA gate ("w/o CPO"; no reference pass); ``taca=False`` trains and samples the LoRA at
+  full rank at every t ("w/o TACA": k_min = k_max = rank, recorded in taca.json so sampling follows).
 - ``branch_mode="batched"`` (default): the three predictions of a step are one UNet call (measured on the 2-core
   CPU with the tiny backbone: ~0.7x the time of three calls, see bench/bench_apo.py); "sequential" gives the same
   numbers up to float rounding (~1e-6 relative) and bit-identical CFG when s_align = 0.
@@ -32,7 +37,7 @@ Choices where the paper is vague (see also the two helper modules):
   the inverted z_T outside; after every step the latent outside the mask is replaced by the inverted trajectory
   at the same step (so it is identical to it), and the decoded image is composited onto the original normal
   image outside the generated latent cells. Mask = the target mask refined by the localization map
-  (``apo_sampling.refine_target_mask``). Free generation (``mode="free"``, the paper's): seeded noise everywhere,
+  (``ops.methods.apo.sampling.refine_target_mask``). Free generation (``mode="free"``, the paper's): seeded noise everywhere,
   mask = thresholded localization map.
 """
 from __future__ import annotations
@@ -53,15 +58,16 @@ from ops.diffusion import lora
 from ops.diffusion.training import train
 from ops.diffusion.vae import encode
 from ops.manifest import dumps
-from ops.methods.apo_loss import cpo_batch
-from ops.methods.apo_sampling import LoRAGate, generate, refine_target_mask, threshold_map
+from ops.methods.apo.loss import check_small_t, cpo_batch
+from ops.methods.apo.sampling import LoRAGate, generate, refine_target_mask, threshold_map
 from ops.methods.base import Method, MethodConfig, Progress, no_progress, render_prompt
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 ADAPTER_NAME = "apo"
 FORMAT_VERSION = 1
-TRAIN_FIELDS = ("prompt", "rank", "k_min", "k_max", "beta", "train_steps", "lr", "batch_size", "seed")
+TRAIN_FIELDS = ("prompt", "rank", "k_min", "k_max", "beta", "small_t", "t_small", "cpo", "taca", "train_steps", "lr",
+                "batch_size", "seed")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
@@ -79,6 +85,10 @@ class APOConfig(MethodConfig):
     k_min: int = 1
     k_max: int = 4
     beta: float = 1000.0
+    small_t: str = "clip"  # β_t treatment near t = 0: "clip" | "skip" | "none" (ops.methods.apo.loss)
+    t_small: int = 50
+    cpo: bool = True  # ablation: False = plain MSE LoRA (with TACA)
+    taca: bool = True  # ablation: False = full rank at every t
     train_steps: int = 30
     lr: float = 1e-3
     batch_size: int = 2
@@ -107,6 +117,7 @@ class APOConfig(MethodConfig):
             raise ValueError(f"APOConfig.mode must be 'placed' or 'free', got {self.mode!r}")
         if self.branch_mode not in ("batched", "sequential", "auto"):
             raise ValueError(f"APOConfig.branch_mode must be batched, sequential or auto, got {self.branch_mode!r}")
+        check_small_t(self.small_t, self.t_small)
         if not 0 <= self.k_min <= self.k_max <= self.rank:
             raise ValueError(f"APOConfig: need 0 <= k_min <= k_max <= rank, got {self.k_min}, {self.k_max}, "
                              f"{self.rank}")
@@ -130,6 +141,11 @@ def config_hash(cfg: APOConfig, backbone: Any, samples: Sequence[Sample]) -> str
         h.update(s.image_id.encode())
         h.update(np.ascontiguousarray(s.image).tobytes())
     return h.hexdigest()[:16]
+
+
+def rank_schedule(cfg: APOConfig) -> tuple[int, int]:
+    """(k_min, k_max) the adapter is trained and sampled with: TACA's, or full rank without TACA."""
+    return (cfg.k_min, cfg.k_max) if cfg.taca else (cfg.rank, cfg.rank)
 
 
 class APO(Method):
@@ -183,10 +199,12 @@ class APO(Method):
             cond = backbone.encode_prompt([prompt])
         _check_no_other_adapters(unet)
         params = lora.add_lora(unet, rank=cfg.rank, seed=cfg.seed, adapter_name=ADAPTER_NAME)
+        k_min, k_max = rank_schedule(cfg)
+        objective = "cpo" if cfg.cpo else "mse"
         try:
             def loss_fn(_step: int, rng: torch.Generator) -> torch.Tensor:
-                return cpo_batch(unet, scheduler, latents, cond, rng, cfg.beta, cfg.k_min, cfg.k_max,
-                                 cfg.batch_size)[0]
+                return cpo_batch(unet, scheduler, latents, cond, rng, cfg.beta, k_min, k_max, cfg.batch_size,
+                                 small_t=cfg.small_t, t_small=cfg.t_small, objective=objective)[0]
 
             result = train(params, loss_fn, cfg.train_steps, cfg.lr, ckpt_dir=dt_dir / "checkpoints",
                            ckpt_every=cfg.ckpt_every, seed=cfg.seed, progress=progress, frozen_modules=[unet],
@@ -195,7 +213,8 @@ class APO(Method):
         finally:
             lora.remove_lora(unet, ADAPTER_NAME)
         info = {"format": FORMAT_VERSION, "config_hash": digest, "prompt": prompt, "category": category,
-                "defect_type": dt, "rank": cfg.rank, "k_min": cfg.k_min, "k_max": cfg.k_max,
+                "defect_type": dt, "rank": cfg.rank, "k_min": k_min, "k_max": k_max, "taca": cfg.taca,
+                "objective": objective, "small_t": cfg.small_t, "t_small": cfg.t_small,
                 "T": int(scheduler.config.num_train_timesteps), "beta": cfg.beta, "train_steps": cfg.train_steps,
                 "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "model_id": backbone.model_id,
                 "resolution": backbone.resolution, "support_ids": sorted(s.image_id for s in samples),

@@ -23,24 +23,36 @@ Choices where the paper is vague:
   starts from the normal image's z_T. The job seed is not used: given (reference, normal, M_T) the output is
   deterministic, diversity comes from the target masks (one-to-more).
 - Graft layers: the decoder's self-attention ("up", MasaCtrl's choice for appearance transfer) at every step by
-  default; ``graft_layers`` takes groups ("down", "mid", "up") or processor names. DAE: cross-attention
-  probabilities of the anomaly tokens on rows inside M_T times ``dae_factor`` at every cross-attention layer, and
-  self-attention probabilities of rows inside M_T (all keys; inside M_T these are the grafted reference keys)
-  times ``dae_factor`` at the graft layers, during the middle steps [dae_start, dae_end) of the schedule;
-  prompt-to-prompt style, no renormalisation, so DAE amplifies what the target reads inside the mask.
+  default; ``graft_layers`` takes groups ("down", "mid", "up") or processor names. DAE acts during the middle
+  steps [dae_start, dae_end) of the schedule, on the target branch only:
+  * cross-attention: probabilities of the anomaly tokens on query rows inside M_T times ``dae_factor`` at every
+    cross-attention layer, prompt-to-prompt style without renormalisation (the anomaly words' values get more
+    weight inside the mask; rows outside M_T are untouched).
+  * self-attention, a true RE-WEIGHTING toward the anomaly region: on query rows inside M_T the probabilities of
+    the keys inside M_T are multiplied by ``dae_factor`` and each row is renormalised to sum 1, so mass moves from
+    the background keys to the region's keys; the row's output is a convex combination again, not a gain (scaling
+    a whole row by f without a key mask or renormalisation would just multiply that row's output by f). It acts
+    where the target attends to its OWN keys: every self-attention layer that is not grafted at that step. On a
+    grafted layer the rows inside M_T already attend only to the reference's keys inside M_R, so a re-weighting
+    toward the region would be the identity there.
+- Ablations (the paper's table): ``triag_masks=False`` grafts without masks (the target attends to ALL of the
+  reference's keys/values at every query, the normal branch is not used, no stitching); DAE off =
+  ``dae_factor`` 1 (O2MAGConfig ``dae=False``); AGO off = the plain prompt embedding (O2MAGConfig ``ago=False``).
 - Anomaly tokens: the prompt's tokens from the rendered ``{defect_type}`` to the end ("hole defect" in the
   default prompt); every word token when the template has no ``{defect_type}``.
 - Background: outside M_T the target is steered by the normal branch's K/V, not pinned to it; through the
   non-grafted layers and the convolutions' receptive fields the defect leaks a little. Measured on tiny
-  (untrained, 6-12 steps): mean |Δz| to the normal reconstruction outside the latent cells of M_T is 4-9 % of
-  the latent's mean |z| (inside: 5x more); tests/test_o2mag.py holds it under 15 % (LEAK_TOL).
+  (untrained, attention at 16 and 8, the three target masks of tests/test_o2mag.py, 6 and 12 steps): mean |Δz| to
+  the normal reconstruction outside the latent cells of M_T is 3.6-10 % of the latent's mean |z|, inside 2.8-4.0x
+  the outside value (it was 5x while the self-attention DAE was a row gain); tests/test_o2mag.py holds the leak
+  under 15 % (LEAK_TOL) and the inside/outside ratio above 2.5.
 - Attention extra: the target's cross-attention probabilities of the anomaly tokens (summed), averaged over
   sampling steps and the cross-attention layers at ``attention_res`` (16, prompt-to-prompt's resolution), divided
   by its maximum, bilinearly resized to the normal image. The toolkit captures what the layer used, so DAE's
   scaling inside M_T is included.
 - Cache memory (``SourceRun.nbytes``): K and V of each graft layer and step of both sources on the UNet's
   device: about 2.8 GB for SD 1.5 at 512 px, 50 steps, fp16 and the 9 decoder layers (27.5 MB per branch and
-  step); 6.1 MiB for tiny at 12 steps (bench/bench_o2mag.py). Only the last reference's branch and the current
+  step); 7.6 MiB for tiny at 12 steps (its 4 decoder layers at 8x8 and 16x16; BranchCache.peak_bytes). Only the last reference's branch and the current
   normal branch are kept (groups are processed in reference order).
 """
 from __future__ import annotations
@@ -76,6 +88,7 @@ class TriAGSettings:
     attention_res: int | None = 16
     target_batch: int = 8
     cache: bool = True
+    triag_masks: bool = True  # False: the "w/o TriAG mask" ablation (whole reference K/V for every query)
 
     @property
     def grafting(self) -> bool:
@@ -138,11 +151,21 @@ class SourceRun:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+_EVERYWHERE = np.ones((1, 1), dtype=bool)  # covers every cell of any layer grid
+
+
 def _graft(s: TriAGSettings, target_masks: Any, ref_mask: np.ndarray) -> list[Graft]:
     if not s.grafting:
         return []
+    if not s.triag_masks:  # ablation: every query reads the whole reference, nothing from the normal branch
+        return [Graft(target=TARGET, reference=REF, normal=None, target_mask=_EVERYWHERE, reference_mask=_EVERYWHERE,
+                      layers=s.graft_layers, steps=s.graft_steps)]
     return [Graft(target=TARGET, reference=REF, normal=NORMAL, target_mask=target_masks, reference_mask=ref_mask,
                   layers=s.graft_layers, steps=s.graft_steps)]
+
+
+def _in_groups(groups: Sequence[str], info: Any) -> bool:
+    return info.name in groups or info.place in groups
 
 
 def _target_rules(s: TriAGSettings, target_masks: np.ndarray, ref_mask: np.ndarray) -> list[Any]:
@@ -151,9 +174,15 @@ def _target_rules(s: TriAGSettings, target_masks: np.ndarray, ref_mask: np.ndarr
         if s.dae_cross and s.tokens:
             rules.append(Reweight(s.dae_factor, kind="cross", tokens=s.tokens, query_mask=target_masks,
                                   branches=[TARGET], steps=s.dae_steps))
-        if s.dae_self and s.graft_layers:
-            rules.append(Reweight(s.dae_factor, kind="self", query_mask=target_masks, branches=[TARGET],
-                                  layers=s.graft_layers, steps=s.dae_steps))
+        if s.dae_self:  # re-weighting toward M_T on the self-attention layers where the target reads its own keys
+            own = dict(kind="self", query_mask=target_masks, key_mask=target_masks, renormalize=True,
+                       branches=[TARGET])
+            grafted = s.graft_layers if s.grafting else ()
+            rules.append(Reweight(s.dae_factor, layers=lambda info: not _in_groups(grafted, info),
+                                  steps=s.dae_steps, **own))
+            idle = tuple(i for i in s.dae_steps if i not in s.graft_steps)  # graft layers outside the graft window
+            if grafted and idle:
+                rules.append(Reweight(s.dae_factor, layers=grafted, steps=idle, **own))
     if s.attention_res and s.tokens:
         rules.append(Capture(kind="cross", branches=[TARGET], resolutions=[s.attention_res], tokens=s.tokens))
     return rules

@@ -1,8 +1,8 @@
 """O2MAG (One-to-More Anomaly Generation, papers/o2mag.md) as the training-free ``o2mag`` method.
 
-``fit`` runs AGO (``ops.methods.o2mag_ago``) once per support anomaly: one optimised text embedding e* per
+``fit`` runs AGO (``ops.methods.o2mag.ago``) once per support anomaly: one optimised text embedding e* per
 reference image, cached by content hash + model id + settings under ``out_dir``. ``synthesize`` runs TriAG + DAE
-(``ops.methods.o2mag_triag``) for every job: jobs sharing (reference, normal) share the reference and normal
+(``ops.methods.o2mag.triag``) for every job: jobs sharing (reference, normal) share the reference and normal
 branches, which are computed once; their targets are batched.
 
 Choices where the paper or the brief leave room (more in the two helper modules):
@@ -15,7 +15,7 @@ Choices where the paper or the brief leave room (more in the two helper modules)
   which CFG would break; the semantics come from e* and the grafted keys/values.
 - Output image: the WHOLE decoded target image, as in the paper, resized from ``backbone.resolution`` back to the
   normal image's size (``background="generated"``, the field default and the ``paper`` preset); outside M_T it is close to, not equal to, the normal
-  branch's reconstruction (tolerance in ``o2mag_triag``). ``background="normal"`` instead pastes the decoded
+  branch's reconstruction (tolerance in ``ops.methods.o2mag.triag``). ``background="normal"`` instead pastes the decoded
   target onto the original normal pixels on the latent cells M_T touches (upsampled), so the rest is the
   original image to the bit. On the untrained tiny backbone the VAE alone turns any image into noise, so only
   "normal" gives a recognisable background there: the ``demo`` preset (the default preset) uses it.
@@ -25,6 +25,10 @@ Choices where the paper or the brief leave room (more in the two helper modules)
 - Presets: ``demo`` (default: AGO 30 steps, 12 DDIM steps, background "normal") keeps the CPU demo fast; ``paper`` = AGO 500 Adam
   steps at lr 3e-3 and 50 DDIM steps on SD 1.5. Explicit options override the preset. The paper publishes no
   graft layers/steps nor DAE range/factor: defaults are the decoder at every step, DAE x1.5 on the middle 40 %.
+- Ablation switches (the paper's ablation table, each a config option): ``ago=False`` ("w/o AGO": the prompt's
+  plain embedding for every branch, nothing fitted; same as ``ago_steps=0``), ``dae=False`` ("w/o DAE": no
+  attention enhancement; same as ``dae_factor=1``), ``triag_masks=False`` ("w/o TriAG mask": grafting without
+  M_T/M_R, the target reads the whole reference K/V at every query; ``ops.methods.o2mag.triag``).
 - Files: ``out_dir/ago/<key>.safetensors`` per support image; embeddings of images no longer in the support are
   deleted, so the folder mirrors the adapter row. ``ago_steps=0`` writes nothing (path None).
 """
@@ -40,7 +44,7 @@ import numpy as np
 from ops.diffusion.vae import image_key
 from ops.masks.refine import attention_mask
 from ops.methods.base import Method, MethodConfig, Progress, no_progress, render_prompt
-from ops.methods.o2mag_ago import AGOSettings, fit_reference, load_embedding
+from ops.methods.o2mag.ago import AGOSettings, fit_reference, load_embedding
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 AGO_DIR = "ago"
@@ -73,6 +77,10 @@ class O2MAGConfig(MethodConfig):
     dae_end: float = 0.7
     dae_self: bool = True
     dae_cross: bool = True
+    # ablation switches (module docstring)
+    ago: bool = True
+    dae: bool = True
+    triag_masks: bool = True
     background: str = "generated"  # "generated" | "normal"
     refine_mask: bool = False
     attention_threshold: float = 0.5
@@ -107,6 +115,10 @@ class O2MAGConfig(MethodConfig):
         except (KeyError, IndexError) as e:
             raise ValueError(f"O2MAGConfig.prompt {self.prompt!r} may only use {{category}} and {{defect_type}}") from e
 
+    @property
+    def uses_ago(self) -> bool:
+        return self.ago and self.ago_steps > 0
+
     def ago_settings(self) -> AGOSettings:
         return AGOSettings(steps=self.ago_steps, lr=self.ago_lr, seed=self.seed, batch_size=self.ago_batch_size,
                            ckpt_every=self.ago_ckpt_every)
@@ -133,13 +145,13 @@ class O2MAG(Method):
                 raise ValueError(f"{s.source or s.image_id}: a normal ('good') image reached O2MAG's support set; "
                                  f"the support must hold defect images only (check the split)")
             progress(f"o2mag {category}: AGO", i, len(ordered))
-            if cfg.ago_steps > 0:
+            if cfg.uses_ago:
                 refs[s.image_id] = fit_reference(backbone, s.image, s.image_id,
                                                  render_prompt(cfg, category, s.defect_type), cfg.ago_settings(),
                                                  out_dir / AGO_DIR, progress)
         progress(f"o2mag {category}: AGO", len(ordered), len(ordered))
         _prune(out_dir / AGO_DIR, {r["file"] for r in refs.values()})
-        meta = {"trained": False, "ago": {"steps": cfg.ago_steps, "lr": cfg.ago_lr, "seed": cfg.seed,
+        meta = {"trained": False, "ago": {"steps": cfg.ago_steps if cfg.uses_ago else 0, "lr": cfg.ago_lr, "seed": cfg.seed,
                                           "batch_size": cfg.ago_batch_size},
                 "model_id": backbone.model_id, "preset": cfg.preset, "references": refs}
         return Adapter(method=self.name, category=category, path=out_dir if refs else None, meta=meta)
@@ -147,7 +159,7 @@ class O2MAG(Method):
     def embedding(self, backbone: Any, adapter: Adapter, reference: Sample, cfg: O2MAGConfig) -> Any:
         """e* of ``reference`` (1, 77, D): the fitted AGO file, or the plain prompt embedding without AGO."""
         prompt = render_prompt(cfg, reference.category, reference.defect_type)
-        if cfg.ago_steps == 0:
+        if not cfg.uses_ago:
             return backbone.encode_prompt([prompt])
         info = (adapter.meta.get("references") or {}).get(reference.image_id)
         if info is None or adapter.path is None:
@@ -161,7 +173,7 @@ class O2MAG(Method):
 
     def synthesize(self, backbone: Any, adapter: Adapter, jobs: Sequence[SynthesisJob], cfg: O2MAGConfig,
                    progress: Progress = no_progress) -> Iterator[Synthetic]:
-        from ops.methods.o2mag_triag import BranchCache
+        from ops.methods.o2mag.triag import BranchCache
 
         groups: dict[tuple[str, str], list[SynthesisJob]] = {}
         for job in jobs:
@@ -183,7 +195,7 @@ class O2MAG(Method):
                        cache: Any = None) -> list[Synthetic]:
         """All jobs of one (reference, normal) pair: their target masks become one batched target branch."""
         from ops.diffusion.vae import decode, encode
-        from ops.methods.o2mag_triag import generated_region, resize_map, run_targets
+        from ops.methods.o2mag.triag import generated_region, resize_map, run_targets
 
         start = time.perf_counter()
         ref, normal = jobs[0].reference, jobs[0].normal
@@ -197,7 +209,8 @@ class O2MAG(Method):
         seconds = (time.perf_counter() - start) / len(jobs)
         params = {"steps": s.steps, "graft_layers": list(s.graft_layers), "graft_steps": _span(s.graft_steps),
                   "dae_factor": s.dae_factor, "dae_steps": _span(s.dae_steps), "dae_self": s.dae_self,
-                  "dae_cross": s.dae_cross, "anomaly_tokens": list(s.tokens), "ago_steps": cfg.ago_steps,
+                  "dae_cross": s.dae_cross, "anomaly_tokens": list(s.tokens),
+                "ago_steps": cfg.ago_steps if cfg.uses_ago else 0, "triag_masks": s.triag_masks,
                   "prompt": render_prompt(cfg, ref.category, ref.defect_type), "background": cfg.background,
                   "cache_branches": s.cache, "target_batch": s.target_batch, "preset": cfg.preset}
         results = []
@@ -218,7 +231,7 @@ class O2MAG(Method):
 
 
 def triag_settings(cfg: O2MAGConfig, backbone: Any, category: str, defect_type: str) -> Any:
-    from ops.methods.o2mag_triag import TriAGSettings, anomaly_tokens, step_window
+    from ops.methods.o2mag.triag import TriAGSettings, anomaly_tokens, step_window
 
     known = set(backbone.unet.attn_processors)
     missing = [n for n in cfg.graft_layers if n not in LAYER_GROUPS and n not in known]
@@ -226,11 +239,13 @@ def triag_settings(cfg: O2MAGConfig, backbone: Any, category: str, defect_type: 
         raise ValueError(f"O2MAGConfig.graft_layers {missing} are not attention processors of {backbone.model_id}; "
                          f"use groups {LAYER_GROUPS} or names from unet.attn_processors")
     return TriAGSettings(steps=cfg.steps, graft_layers=tuple(cfg.graft_layers),
-                         graft_steps=step_window(cfg.graft_start, cfg.graft_end, cfg.steps), dae_factor=cfg.dae_factor,
+                         graft_steps=step_window(cfg.graft_start, cfg.graft_end, cfg.steps),
+                         dae_factor=cfg.dae_factor if cfg.dae else 1.0,
                          dae_steps=step_window(cfg.dae_start, cfg.dae_end, cfg.steps), dae_self=cfg.dae_self,
                          dae_cross=cfg.dae_cross,
                          tokens=anomaly_tokens(backbone.tokenizer, cfg.prompt, category, defect_type),
-                         attention_res=cfg.attention_res, target_batch=cfg.target_batch, cache=cfg.cache_branches)
+                         attention_res=cfg.attention_res, target_batch=cfg.target_batch, cache=cfg.cache_branches,
+                         triag_masks=cfg.triag_masks)
 
 
 def _span(steps: Sequence[int]) -> list[int] | None:
