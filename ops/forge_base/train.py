@@ -44,7 +44,7 @@ class BaseTrainConfig:
     vae_crop: int = 64
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 1600
+    unet_steps: int = 2200
     unet_batch: int = 8
     unet_lr: float = 5e-4
     warmup: int = 100
