@@ -159,7 +159,7 @@ def fitted(backbone, support, tmp_path_factory):
     from ops.methods.apo import APO
 
     method = APO()
-    cfg = method.config({"train_steps": 12, "lr": 3e-3, "steps": STEPS, "ckpt_every": 5})
+    cfg = method.config({"train_steps": 24, "lr": 5e-3, "steps": STEPS, "ckpt_every": 5})
     out = tmp_path_factory.mktemp("apo_adapters")
     adapter = method.fit(backbone, support, cfg, out)
     return method, cfg, adapter
@@ -233,7 +233,7 @@ def test_fit_writes_diffusers_lora_and_taca_and_reruns_idempotently(backbone, su
     d = adapter.path / "crack"
     info = json.loads((d / "taca.json").read_text())
     assert (info["k_min"], info["k_max"], info["rank"], info["T"]) == (1, 4, 4, 1000)
-    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["checkpoint-00000012.pt"]
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["checkpoint-00000024.pt"]
     stamp = (d / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
     again = method.fit(backbone, support, cfg, adapter.path)
     assert again.meta["defect_types"]["crack"]["skipped"]

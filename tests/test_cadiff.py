@@ -224,9 +224,11 @@ def test_w_one_changes_nothing(bb):
     off = _gen(bb, w=1.0, alpha_thr=2.0)  # α never exceeds 2: no re-weighting at all
     on = _gen(bb, w=1.0, alpha_thr=-1.0)  # re-weighting from step 1 on, with w = 1
     assert on.params["dfs_on_step"] == 1 and off.params["dfs_on_step"] is None
-    assert torch.equal(on.latent, off.latent)
+    # re-weighting runs attention on the explicit-score path, the plain run on SDPA: equal up to float rounding,
+    # which the sampler's steps amplify a little; w = 1.5 on the same schedule moves the latent far more
     strong = _gen(bb, w=1.5, alpha_thr=-1.0)
-    assert (strong.latent - off.latent).abs().max() > 1e-4  # the same schedule with w != 1 does act
+    drift, effect = (on.latent - off.latent).abs().max(), (strong.latent - off.latent).abs().max()
+    assert effect > 1e-4 and drift < 0.02 * effect, (float(drift), float(effect))
 
 
 def test_no_reweighting_before_alpha_exceeds_the_threshold(bb):

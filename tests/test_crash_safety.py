@@ -189,7 +189,7 @@ def test_quality_summary_written_last_holds_every_partition_present(tmp_path, mo
 
     def manifest(method):
         row = {c: 0.5 for c in SUMMARY_COLS} | {"category": "widget", "method": method, "defect_type": ALL,
-                                                 "n_generated": 4, "n_real": 4}
+                                                 "n_generated": 4, "n_real": 4, "sources_json": "{}"}
         path = storage.manifest_path("quality_metrics", f"widget|{method}")
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([row]).to_parquet(path)

@@ -43,7 +43,8 @@ def ordered_rows(evaluation_df: pd.DataFrame) -> pd.DataFrame:
 
 def summary_table(evaluation_df: pd.DataFrame) -> pd.DataFrame:
     """Deduplicated rows in report order, with the columns worth reading."""
-    cols = ["category", "row_label", "detector", "weak_tau", *METRIC_COLUMNS, "n_test_defective", "n_test_good", "train_seconds"]
+    cols = ["category", "row_label", "detector", "weak_tau", *METRIC_COLUMNS, "n_test_defective", "n_test_good",
+            "train_seconds"]
     return ordered_rows(evaluation_df)[cols]
 
 
@@ -78,7 +79,9 @@ def metrics_plot(evaluation_df: pd.DataFrame, title: str = "") -> bytes:
 def report_markdown(evaluation_df: pd.DataFrame, image_name: str = "detectors.png") -> str:
     from ops.viz import markdown_table
 
-    table = summary_table(evaluation_df)
+    # no train_seconds here: the report is rewritten by every run, and timings live only in the manifests' timing
+    # columns, so identical runs write identical reports
+    table = summary_table(evaluation_df).drop(columns="train_seconds")
     fpr = sorted(set(evaluation_df["aupro_fpr_limit"]))
     sources = sorted(s for s in set(evaluation_df["backbone_source"]) if s)
     lines = ["# Detector evaluation", "", f"> {CAVEAT}", "",
