@@ -44,6 +44,23 @@ def render_prompt(cfg: Any, category: str, defect_type: str) -> str:
     return cfg.prompt.format(category=category, defect_type=defect_type.replace("_", " "))
 
 
+def support_by_type(owner: str, support: Sequence[Sample], need_mask: bool = False
+                    ) -> tuple[str, dict[str, list[Sample]]]:
+    """(category, defect type -> its support samples) for a method that trains per defect type; a normal image (or,
+    with ``need_mask``, one without a mask) in the support is an error naming the file."""
+    if not support:
+        raise ValueError(f"{owner}.fit: empty support set; the split has no support anomalies for this category")
+    by_type: dict[str, list[Sample]] = {}
+    for s in support:
+        if s.defect_type == "good" or (need_mask and s.mask is None):
+            what = "a normal image (or one without a mask)" if need_mask else "a normal ('good') image"
+            fix = "defect images with masks" if need_mask else "defect images only (check the split)"
+            raise ValueError(f"{s.source or s.image_id}: {what} reached {owner}'s support set; the support must "
+                             f"hold {fix}")
+        by_type.setdefault(s.defect_type, []).append(s)
+    return support[0].category, by_type
+
+
 class Method:
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig

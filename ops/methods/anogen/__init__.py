@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ops.methods.anogen.embedding import FitSettings, fit_token, load_token, read_info
-from ops.methods.base import Method, MethodConfig, Progress, no_progress
+from ops.methods.base import Method, MethodConfig, Progress, no_progress, support_by_type
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
@@ -118,15 +118,7 @@ class AnoGen(Method):
     # ------------------------------------------------------------------ stage 1
     def fit(self, backbone: Any, support: Sequence[Sample], cfg: AnoGenConfig, out_dir: Path,
             progress: Progress = no_progress) -> Adapter:
-        if not support:
-            raise ValueError("AnoGen.fit: empty support set; the split has no support anomalies for this category")
-        category = support[0].category
-        by_type: dict[str, list[Sample]] = {}
-        for s in support:
-            if s.defect_type == "good":
-                raise ValueError(f"{s.source or s.image_id}: a normal ('good') image reached AnoGen's support set; "
-                                 f"the support must hold defect images only (check the split)")
-            by_type.setdefault(s.defect_type, []).append(s)
+        category, by_type = support_by_type("AnoGen", support)
         out_dir = Path(out_dir)
         types = {}
         for i, (dt, samples) in enumerate(sorted(by_type.items())):

@@ -60,7 +60,7 @@ from ops.diffusion.vae import encode
 from ops.manifest import dumps
 from ops.methods.apo.loss import check_small_t, cpo_batch
 from ops.methods.apo.sampling import LoRAGate, generate, refine_target_mask, threshold_map
-from ops.methods.base import Method, MethodConfig, Progress, no_progress, render_prompt
+from ops.methods.base import Method, MethodConfig, Progress, no_progress, render_prompt, support_by_type
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
@@ -159,15 +159,7 @@ class APO(Method):
     # ------------------------------------------------------------------ training
     def fit(self, backbone: Any, support: Sequence[Sample], cfg: APOConfig, out_dir: Path,
             progress: Progress = no_progress) -> Adapter:
-        if not support:
-            raise ValueError("APO.fit: empty support set; the split has no support anomalies for this category")
-        category = support[0].category
-        by_type: dict[str, list[Sample]] = {}
-        for s in support:
-            if s.defect_type == "good":
-                raise ValueError(f"{s.source or s.image_id}: a normal ('good') image reached APO's support set; "
-                                 f"the support must hold defect images only (check the split)")
-            by_type.setdefault(s.defect_type, []).append(s)
+        category, by_type = support_by_type("APO", support)
         out_dir = Path(out_dir)
         types = {}
         for i, (dt, samples) in enumerate(sorted(by_type.items())):

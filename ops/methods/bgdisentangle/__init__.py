@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ops.diffusion.vae import decode, encode, image_key
-from ops.methods.base import Method, MethodConfig, Progress, no_progress
+from ops.methods.base import Method, MethodConfig, Progress, no_progress, support_by_type
 from ops.methods.bgdisentangle.conditioning import (BG_PROMPT, DEF_PROMPT, M_PROMPT, Conditioning, build,
                                                     check_template)
 from ops.methods.bgdisentangle.fit import TRAIN_FIELDS, adapted, fit_one, read_info
@@ -108,16 +108,7 @@ class BgDisentangle(Method):
     # ------------------------------------------------------------------ training
     def fit(self, backbone: Any, support: Sequence[Sample], cfg: BgDisentangleConfig, out_dir: Path,
             progress: Progress = no_progress) -> Adapter:
-        if not support:
-            raise ValueError("BgDisentangle.fit: empty support set; the split has no support anomalies for this "
-                             "category")
-        category = support[0].category
-        by_type: dict[str, list[Sample]] = {}
-        for s in support:
-            if s.defect_type == "good" or s.mask is None:
-                raise ValueError(f"{s.source or s.image_id}: a normal image (or one without a mask) reached "
-                                 f"bgdisentangle's support set; the support must hold defect images with masks")
-            by_type.setdefault(s.defect_type, []).append(s)
+        category, by_type = support_by_type("BgDisentangle", support, need_mask=True)
         out_dir = Path(out_dir)
         types = {}
         for i, (dt, samples) in enumerate(sorted(by_type.items())):
