@@ -151,3 +151,21 @@ def test_small_sets_record_sizes_and_refuse_fid_below_two(lite0):
     one = set_metrics(f[:1], f, lg)
     assert math.isnan(one.fid) and math.isnan(one.kid_mean) and ">= 2 real" in one.notes
     assert math.isfinite(one.is_mean) and one.is_mean >= 1.0
+
+
+@pytest.mark.parametrize("n_real,n_fake,dim", [(7, 12, 64), (40, 30, 16), (5, 5, 2048)])
+def test_fid_equals_torchmetrics_frechet_distance(n_real, n_fake, dim):
+    """The eig(AB) = eig(BA) shortcut gives torchmetrics' FID: same means, unbiased covariances, trace sqrt."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ops.metrics.fid_kid import _Precomputed, fid
+
+    g = torch.Generator().manual_seed(n_real + dim)
+    real = torch.randn(n_real, dim, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, dim).double()
+    fake = torch.randn(n_fake, dim, generator=g, dtype=torch.float64) + 0.3
+    ref = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=True)
+    ref.update(real, real=True)
+    ref.update(fake, real=False)
+    expected = float(ref.compute())
+    assert fid(real, fake) == pytest.approx(expected, rel=1e-6, abs=1e-8)
+    assert fid(fake, real) == pytest.approx(expected, rel=1e-6, abs=1e-8)  # symmetric in the two sets
