@@ -162,3 +162,31 @@ def test_taca_gives_zero_gradient_above_k_of_t_per_sample(bb, batch):
     with pytest.raises(ValueError, match="exceeds the LoRA rank"):
         with taca.taca_context(unet, t, 1, 7, 1000):
             pass
+
+
+def test_the_wider_layer_set_adapts_convolutions_and_still_gates_and_round_trips(bb, batch, tmp_path):
+    """"attention+conv+ff": LoRA on the ResNet convolutions, the transformer projections and feed-forward layers
+    too; per-sample gates (the reference / adapted branches and TACA's rank) act on the conv LoRA's channel
+    dimension, and the file loads back into a fresh pipeline."""
+    base = _run(bb.unet, batch)
+    unet = copy.deepcopy(bb.unet)
+    params = lora.add_lora(unet, rank=4, target_modules=lora.lora_targets("attention+conv+ff"), seed=1)
+    adapted_layers = {n.rsplit(".lora_A", 1)[0].split(".")[-1] for n, _ in unet.named_parameters() if ".lora_A" in n}
+    assert {"conv1", "conv2", "to_q", "proj_in", "proj_out", "2"} <= adapted_layers  # "2": ff.net.2
+    x, _, cond = batch
+    training.train(params, lambda s, rng: training.denoising_loss(unet, bb.scheduler, x, cond, rng),
+                   steps=3, lr=5e-2, seed=0, frozen_modules=[unet])
+    adapted = _run(unet, batch)
+    with lora.lora_gates(unet, scale=[0.0, 1.0]):
+        mixed = _run(unet, batch)
+    torch.testing.assert_close(mixed[0], base[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed[1], adapted[1], rtol=0, atol=1e-6)
+    with lora.lora_disabled(unet):
+        conv_only = _run(unet, batch)
+    assert torch.equal(conv_only, base)
+    path = lora.save_lora(unet, tmp_path / "wide")
+    fresh = load_backbone("tiny", device="cpu", dtype="float32", cache=False).to_pipeline()
+    fresh.load_lora_weights(str(path.parent), weight_name=path.name)
+    torch.testing.assert_close(_run(fresh.unet, batch), adapted, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown LoRA layer set 'conv'"):
+        lora.lora_targets("conv")

@@ -40,6 +40,22 @@ from torch import nn
 from ops.atomic import canonical_safetensors, write_bytes_atomic
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Named target sets a method's ``lora_layers`` option picks from. "attention" is SD LoRA practice (and what the
+# papers train); "attention+conv+ff" adds the transformer blocks' projections and feed-forward layers and the
+# ResNet blocks' convolutions: on a small, weakly trained base the attention projections alone rarely move the
+# sample towards the support defect, while the wider set can (issue 10's measurement; the demo's forge-base
+# presets use it).
+LORA_LAYER_SETS: dict[str, tuple[str, ...]] = {
+    "attention": LORA_TARGETS,
+    "attention+conv+ff": LORA_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
+}
+
+
+def lora_targets(layers: str) -> tuple[str, ...]:
+    """The module-name suffixes of a named LoRA layer set (``LORA_LAYER_SETS``)."""
+    if layers not in LORA_LAYER_SETS:
+        raise ValueError(f"unknown LoRA layer set {layers!r}; use one of {sorted(LORA_LAYER_SETS)}")
+    return LORA_LAYER_SETS[layers]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name for load_lora_weights
 
 
@@ -101,7 +117,11 @@ def save_lora(unet: nn.Module, out_dir: Any, adapter_name: str = "default",
 
     if adapter_name not in getattr(unet, "peft_config", {}):
         raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}")
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    if set(unet.peft_config[adapter_name].target_modules) <= set(LORA_TARGETS):
+        state = convert_state_dict_to_diffusers(state)
+    # else: diffusers' conversion renames only the attention projections' keys, and a file with both naming
+    # schemes loads wrongly; peft's own key names (lora_A / lora_B) are a format load_lora_weights reads too
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
