@@ -80,7 +80,7 @@ def fit_adapter(storage: Storage, category: str, method_name: str, split_df: pd.
     """Fit ``method_name`` on the category's support set; one ADAPTER_SCHEMA row."""
     check_name(category, "category")
     method = get_method(method_name)
-    config = method.config(cfg)
+    config = method.config(cfg, getattr(backbone, "model_id", None))
     support_rows = _support_rows(split_df, category)
     support = [load_sample(row) for row in support_rows.to_dict("records")]
     rel = f"adapters/{category}/{method_name}"
@@ -192,7 +192,7 @@ def synthesize_partition(storage: Storage, category: str, method_name: str, spli
     if n < 0 or chunk_size < 1:
         raise ValueError(f"n must be >= 0 and chunk_size >= 1, got n={n} chunk_size={chunk_size}")
     method = get_method(method_name)
-    config = method.config(cfg)
+    config = method.config(cfg, getattr(backbone, "model_id", None))
     config_json = dumps(asdict(config))
     # a method defined on its own kind of target (AnoGen: boxes) overrides the pipeline's mode; caller options win
     target_mode = method.target_mode or target_mode

@@ -27,15 +27,28 @@ def no_progress(_desc: str, _done: int, _total: int) -> None:
 
 @dataclass
 class MethodConfig:
-    """Base class of per-method configs; subclasses add fields with paper-like defaults."""
+    """Base class of per-method configs; subclasses add fields with paper-like defaults.
+
+    A config with a ``preset`` field names its option sets in ``presets`` (name -> options); explicit options
+    override the preset's. Without an explicit ``preset`` the backbone's own tuning is used when the method has one
+    (a preset named like the backbone, e.g. ``forge-base``), else ``demo``: a preset sized for one model would be
+    wrong on another, so the choice follows the model actually loaded and is recorded in the adapter's metadata.
+    """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "MethodConfig":
+    def from_dict(cls, values: dict[str, Any] | None, backbone: str | None = None) -> "MethodConfig":
         values = dict(values or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known options: {sorted(known)}")
+        if "preset" in known:
+            preset = values.get("preset") or (backbone if backbone in cls.presets else "demo")
+            if preset not in cls.presets:
+                raise ValueError(f"{cls.__name__}: unknown preset {preset!r}; use one of {sorted(cls.presets)}")
+            values = {**cls.presets[preset], **values, "preset": preset}
         return cls(**values)
 
 
@@ -72,8 +85,9 @@ class Method:
         """Options for ``ops.masks.targets.sample_target_mask`` this method needs (e.g. AnoGen's box sizes)."""
         return {}
 
-    def config(self, values: dict[str, Any] | None = None) -> MethodConfig:
-        return self.config_cls.from_dict(values)
+    def config(self, values: dict[str, Any] | None = None, backbone: str | None = None) -> MethodConfig:
+        """The method's config from ``values``; ``backbone`` (the loaded model's id) picks its default preset."""
+        return self.config_cls.from_dict(values, backbone)
 
     def fit(self, backbone: Any, support: Sequence[Sample], cfg: MethodConfig, out_dir: Path,
             progress: Progress = no_progress) -> Adapter:

@@ -23,9 +23,12 @@ Choices where the paper is vague (more in the two modules):
   the difference-refined mask of every row (and its ``final`` rule for ``anogen`` is the box, ``target``); set
   the refine option ``final={"anogen": "diff"}`` to train detectors on the refined masks instead.
 - Presets: ``paper`` = 6000 Adam steps at lr 0.005 (the paper's), batch 1, 50 DDIM steps (eta 0) and
-  classifier-free guidance 10 (the authors' sampling script: ``--scale 10.0 --ddim_steps 50 --ddim_eta 0``). ``demo`` (the default) = 12 steps at lr 0.02 (a larger lr so the
-  few CPU steps move the row visibly), 10 DDIM steps and guidance 1 (CFG off: it doubles the UNet work, and the
-  demo must run every method on 3 categories in minutes on 2 CPU cores). Explicit options override the preset.
+  classifier-free guidance 10 (the authors' sampling script: ``--scale 10.0 --ddim_steps 50 --ddim_eta 0``).
+  ``demo`` = 12 steps at lr 0.02 (a larger lr so the few CPU steps move the row visibly), 10 DDIM steps and
+  guidance 1 (CFG off: it doubles the UNet work on 2 CPU cores). ``forge-base`` = the same values: on forge-base
+  (brick, 8 images) 40 steps with guidance 3 took 3x the time for no gain in defect likeness
+  (bench/bench_defect_likeness.py). Explicit options override the preset; without one, the loaded backbone's own
+  preset is used if the method has one, else ``demo`` (``ops.methods.base.MethodConfig``).
 - Adapter folder: ``<adapter>/<defect_type>/`` per type (files in ``embedding``); folders of types no longer
   in the support set are removed, so the folder mirrors the adapter row.
 """
@@ -35,7 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,12 +50,16 @@ from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
+    # measured on forge-base (brick, 8 images): 40 steps + guidance 3 took 3x the time for no gain in defect
+    # likeness over the demo values, so forge-base keeps them (docs/forge_base.md)
+    "forge-base": dict(train_steps=12, steps=10, guidance=1.0),
     "paper": dict(train_steps=6000, lr=5e-3, batch_size=1, ckpt_every=500, steps=50, guidance=10.0),
 }
 
 
 @dataclass
 class AnoGenConfig(MethodConfig):
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     preset: str = "demo"
     prompt: str = "{token}"  # {token} = the learned placeholder; {category}, {defect_type} may be added
     init_word: str = "defect"
@@ -71,13 +78,6 @@ class AnoGenConfig(MethodConfig):
     box_sizes: dict[str, list[float]] = field(default_factory=dict)  # category -> (lo, hi)
     min_inside: float = 0.75
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "AnoGenConfig":
-        values = dict(values or {})
-        preset = values.get("preset", "demo")
-        if preset not in PRESETS:
-            raise ValueError(f"AnoGenConfig: unknown preset {preset!r}; use one of {sorted(PRESETS)}")
-        return super().from_dict({**PRESETS[preset], **values})
 
     def __post_init__(self) -> None:
         self.box_size = tuple(float(v) for v in self.box_size)

@@ -19,7 +19,10 @@ Choices where the paper is vague (see also the two helper modules):
   replacement, t ~ U{0..T−1} and ε ~ N(0, I) from the training loop's seeded generator.
 - Presets: ``demo`` (default: rank 4, TACA 1..4, 30 steps at lr 1e-3, 12 DDIM steps) keeps the CPU demo fast;
   ``paper`` (rank 32, TACA 8..32, 1000 steps at lr 1e-4, batch 4, 50 DDIM steps, s_text 7.5) follows common SD
-  LoRA practice since the paper publishes no hyper-parameters. Explicit options override the preset.
+  LoRA practice since the paper publishes no hyper-parameters; ``forge-base`` (the demo's backbone): LoRA on the
+  attention + conv + feed-forward layers (``ops.diffusion.lora.LORA_LAYER_SETS``), 24 steps at lr 2e-3, 10 DDIM
+  steps (its UNet costs ~4x tiny's per call). Explicit options override the preset; without one, the loaded
+  backbone's own preset is used if the method has one, else ``demo`` (``ops.methods.base.MethodConfig``).
 - β = 1000 in both presets: with λ' taken per unit of normalised time, β_t on SD's schedule is ≈ 3300–6000 for
   t in [150, 1000), the order of Diffusion-DPO's weight on SD 1.5 (½·5000 = 2500 with the same per-element mean).
 - β_t at small t: ``small_t="clip"`` with ``t_small=50`` by default (β_t capped at its largest value over
@@ -48,7 +51,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,11 +69,15 @@ from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 ADAPTER_NAME = "apo"
 FORMAT_VERSION = 1
-TRAIN_FIELDS = ("prompt", "rank", "k_min", "k_max", "beta", "small_t", "t_small", "cpo", "taca", "train_steps", "lr",
-                "batch_size", "seed")
+TRAIN_FIELDS = ("prompt", "rank", "lora_layers", "k_min", "k_max", "beta", "small_t", "t_small", "cpo", "taca",
+                "train_steps", "lr", "batch_size", "seed")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
+    # forge-base (the demo's default backbone): its UNet costs ~4x tiny's per call, so fewer sampling steps keep
+    # the demo inside its 10 minutes; the LoRA also covers the conv / projection / feed-forward layers, which a
+    # small base needs to move towards the support images (docs/forge_base.md has the measurements)
+    "forge-base": dict(lora_layers="attention+conv+ff", train_steps=24, lr=2e-3, steps=10),
     "paper": dict(rank=32, k_min=8, k_max=32, train_steps=1000, lr=1e-4, batch_size=4, ckpt_every=100, steps=50,
                   s_text=7.5),
 }
@@ -78,10 +85,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class APOConfig(MethodConfig):
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     preset: str = "demo"
     prompt: str = "a photo of a {category} with a {defect_type} defect"
     # training
     rank: int = 4
+    lora_layers: str = "attention"  # or "attention+conv+ff" (ops.diffusion.lora.LORA_LAYER_SETS)
     k_min: int = 1
     k_max: int = 4
     beta: float = 1000.0
@@ -104,13 +113,6 @@ class APOConfig(MethodConfig):
     smooth_sigma: float = 0.02
     branch_mode: str = "batched"  # the three predictions as one UNet call ("sequential": three calls)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "APOConfig":
-        values = dict(values or {})
-        preset = values.get("preset", "demo")
-        if preset not in PRESETS:
-            raise ValueError(f"APOConfig: unknown preset {preset!r}; use one of {sorted(PRESETS)}")
-        return super().from_dict({**PRESETS[preset], **values})
 
     def __post_init__(self) -> None:
         if self.mode not in ("placed", "free"):
@@ -118,6 +120,7 @@ class APOConfig(MethodConfig):
         if self.branch_mode not in ("batched", "sequential", "auto"):
             raise ValueError(f"APOConfig.branch_mode must be batched, sequential or auto, got {self.branch_mode!r}")
         check_small_t(self.small_t, self.t_small)
+        lora.lora_targets(self.lora_layers)
         if not 0 <= self.k_min <= self.k_max <= self.rank:
             raise ValueError(f"APOConfig: need 0 <= k_min <= k_max <= rank, got {self.k_min}, {self.k_max}, "
                              f"{self.rank}")
@@ -190,7 +193,8 @@ class APO(Method):
         with torch.no_grad():
             cond = backbone.encode_prompt([prompt])
         _check_no_other_adapters(unet)
-        params = lora.add_lora(unet, rank=cfg.rank, seed=cfg.seed, adapter_name=ADAPTER_NAME)
+        params = lora.add_lora(unet, rank=cfg.rank, target_modules=lora.lora_targets(cfg.lora_layers), seed=cfg.seed,
+                                adapter_name=ADAPTER_NAME)
         k_min, k_max = rank_schedule(cfg)
         objective = "cpo" if cfg.cpo else "mse"
         try:

@@ -20,6 +20,8 @@ Choices where the paper or the brief leave room (more in the sibling modules):
 - Presets: ``demo`` (default: LoRA rank 4, 8 steps at lr 1e-3, batch 2, 10 DDIM steps) is sized for the CPU
   demo; ``paper``: the UNet fine-tuned (DreamBooth-style, "full") for 500 iterations at lr 5e-6, batch 1, and
   50 DDIM steps, as the paper's experiments (it prints no learning rate or batch: DreamBooth's defaults).
+  ``forge-base``: the wider LoRA (attention + conv + feed-forward), 8 steps at lr 2e-3, background "normal".
+  Without an explicit preset the loaded backbone's own is used if the method has one, else ``demo``.
 - MVTec LOCO: logical anomalies go through the same path (C_bg carries the background the defect depends on);
   LOCO's merged per-image ground truth is what ingest gives as the mask.
 """
@@ -28,11 +30,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from ops.diffusion import lora
 from ops.diffusion.vae import decode, encode, image_key
 from ops.methods.base import Method, MethodConfig, Progress, no_progress, support_by_type
 from ops.methods.bgdisentangle.conditioning import (BG_PROMPT, DEF_PROMPT, M_PROMPT, Conditioning, build,
@@ -46,6 +49,8 @@ from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(background="normal"),
+    # forge-base: the wider LoRA (see APO's preset) and the normal background (its VAE cannot reproduce one)
+    "forge-base": dict(background="normal", lora_layers="attention+conv+ff", train_steps=8, lr=2e-3, steps=10),
     "paper": dict(adapter="full", train_steps=500, lr=5e-6, batch_size=1, ckpt_every=100, steps=50,
                   background="generated"),
 }
@@ -54,6 +59,7 @@ ADAPTERS = ("lora", "full")
 
 @dataclass
 class BgDisentangleConfig(MethodConfig):
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     preset: str = "demo"
     def_prompt: str = DEF_PROMPT
     m_prompt: str = M_PROMPT
@@ -61,6 +67,7 @@ class BgDisentangleConfig(MethodConfig):
     # training
     adapter: str = "lora"
     rank: int = 4
+    lora_layers: str = "attention"  # or "attention+conv+ff" (ops.diffusion.lora.LORA_LAYER_SETS)
     train_steps: int = 8
     lr: float = 1e-3
     batch_size: int = 2
@@ -73,15 +80,8 @@ class BgDisentangleConfig(MethodConfig):
     cache_inversion: bool = True
     target_batch: int = 8
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "BgDisentangleConfig":
-        values = dict(values or {})
-        preset = values.get("preset", "demo")
-        if preset not in PRESETS:
-            raise ValueError(f"BgDisentangleConfig: unknown preset {preset!r}; use one of {sorted(PRESETS)}")
-        return super().from_dict({**PRESETS[preset], **values})
-
     def __post_init__(self) -> None:
+        lora.lora_targets(self.lora_layers)
         if self.adapter not in ADAPTERS:
             raise ValueError(f"BgDisentangleConfig.adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.background not in ("generated", "normal"):

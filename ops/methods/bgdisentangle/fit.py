@@ -45,7 +45,8 @@ ADAPTER_NAME = "bgdisentangle"
 FORMAT_VERSION = 1
 INFO_FILE = "adapter.json"
 UNET_DIR = "unet"
-TRAIN_FIELDS = ("def_prompt", "m_prompt", "bg_prompt", "adapter", "rank", "train_steps", "lr", "batch_size", "seed")
+TRAIN_FIELDS = ("def_prompt", "m_prompt", "bg_prompt", "adapter", "rank", "lora_layers", "train_steps", "lr",
+                "batch_size", "seed")
 
 
 def config_hash(cfg: Any, backbone: Any, samples: Sequence[Sample]) -> str:
@@ -142,7 +143,8 @@ def _trainable_unet(backbone: Any, cfg: Any) -> Iterator[tuple[Any, list[torch.n
         yield unet, list(unet.parameters())
         return
     check_plain_unet(backbone.unet)
-    params = lora.add_lora(backbone.unet, rank=cfg.rank, seed=cfg.seed, adapter_name=ADAPTER_NAME)
+    params = lora.add_lora(backbone.unet, rank=cfg.rank, target_modules=lora.lora_targets(cfg.lora_layers),
+                           seed=cfg.seed, adapter_name=ADAPTER_NAME)
     try:
         yield backbone.unet, params
     finally:
