@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import dagster as dg
 import pandas as pd
 
+from ops.demo_data import DEMO_N
 from pipelines.jobs import lineage_stages
 
 BASELINE_NOTE = "Baselines (cutpaste, perlin) do not use the backbone."
@@ -218,15 +219,14 @@ def report_markdown(out: Path, steps: Sequence[StepResult], summary: pd.DataFram
 
 
 def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
-             categories: Sequence[str] | None = None, n: int = 16, size: int = 128, seed: int = 0,
+             categories: Sequence[str] | None = None, n: int = DEMO_N, size: int = 128, seed: int = 0,
              settings: dict[str, Any] | None = None, echo: Callable[[str], None] = print) -> int:
     """Build the demo data, materialize every stage for every category x method, write ``report.md``.
 
     ``settings``: further ``ForgeSettings`` fields (e.g. ``detection_options``); the data root, ``n`` and
     ``seed`` arguments take precedence. Returns the process exit status: 0 when every step succeeded."""
     from ops.atomic import write_bytes_atomic
-    from ops.demo_data import build_demo_dataset
-    from ops.ingest import discover_categories
+    from ops.demo_data import DEMO_CATEGORIES, build_demo_dataset
     from ops.methods.registry import available_methods
     from ops.storage import Storage
     from ops.viz import markdown_table
@@ -240,8 +240,8 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
         raise ValueError(f"--n must be >= 1, got {n}")
     out = Path(out).expanduser().resolve()
     t0 = time.monotonic()
+    categories = list(categories or DEMO_CATEGORIES)
     data = build_demo_dataset(out / "data", categories=categories, seed=seed, size=size)
-    categories = list(categories or [c for c, _ in discover_categories(data)])
     echo(f"[{time.monotonic() - t0:7.1f}s] demo dataset       {data} ({', '.join(categories)})")
     storage_root = out / "storage"
     user = dict(settings or {})
