@@ -190,3 +190,19 @@ def test_the_wider_layer_set_adapts_convolutions_and_still_gates_and_round_trips
     torch.testing.assert_close(_run(fresh.unet, batch), adapted, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="unknown LoRA layer set 'conv'"):
         lora.lora_targets("conv")
+
+
+@pytest.mark.parametrize("layers", ["attention", "attention+conv+ff"])
+def test_removing_the_last_adapter_gives_back_the_plain_unet(bb, batch, layers):
+    """A shared backbone after a method's LoRA: SD's state-dict keys and outputs again, so the next method can copy
+    its blocks (CADiff's ControlNetModel.from_unet) and add its own adapter."""
+    from diffusers import ControlNetModel
+
+    unet = copy.deepcopy(bb.unet)
+    keys, base = sorted(unet.state_dict()), _run(unet, batch)
+    lora.add_lora(unet, rank=2, target_modules=lora.lora_targets(layers), adapter_name="first")
+    lora.remove_lora(unet, "first")
+    assert sorted(unet.state_dict()) == keys
+    assert torch.equal(_run(unet, batch), base)
+    ControlNetModel.from_unet(unet, conditioning_channels=1)
+    assert lora.add_lora(unet, rank=2, adapter_name="second")

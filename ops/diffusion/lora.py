@@ -99,8 +99,19 @@ def add_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None, target_
 
 
 def remove_lora(unet: nn.Module, adapter_name: str = "default") -> None:
-    """Delete an adapter, restoring the plain UNet (e.g. before fitting the next category on a shared backbone)."""
+    """Delete an adapter, restoring the plain UNet (e.g. before fitting the next category on a shared backbone).
+
+    Once no adapter is left, peft's wrappers go too: they keep the base weights under ``<layer>.base_layer.*``, so
+    a UNet that had a LoRA once would otherwise no longer have SD's state-dict keys, and copying its blocks (e.g.
+    ``ControlNetModel.from_unet`` in CADiff after another method's LoRA on the shared backbone) fails."""
     unet.delete_adapters(adapter_name)
+    if not getattr(unet, "peft_config", None):
+        from diffusers.utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(unet)
+        unet._hf_peft_config_loaded = False
+        if hasattr(unet, "peft_config"):
+            del unet.peft_config
 
 
 def lora_ranks(unet: nn.Module) -> list[int]:
