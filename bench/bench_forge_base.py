@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.n_invert, args.n_samples, args.steps = 2, 8, 20
+    if args.grid:
+        Path(args.grid).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = build_demo_dataset(Path(tmp) / "demo", size=128)
         cats = ["brick", "grass", "gravel"]
