@@ -25,9 +25,9 @@ Choices where the paper is vague (more in the two modules):
 - Presets: ``paper`` = 6000 Adam steps at lr 0.005 (the paper's), batch 1, 50 DDIM steps (eta 0) and
   classifier-free guidance 10 (the authors' sampling script: ``--scale 10.0 --ddim_steps 50 --ddim_eta 0``).
   ``demo`` = 12 steps at lr 0.02 (a larger lr so the few CPU steps move the row visibly), 10 DDIM steps and
-  guidance 1 (CFG off: it doubles the UNet work on 2 CPU cores). ``forge-base`` = the same values: on forge-base
-  (brick, 8 images) 40 steps with guidance 3 took 3x the time for no gain in defect likeness
-  (bench/bench_defect_likeness.py). Explicit options override the preset; without one, the loaded backbone's own
+  guidance 1 (CFG off: it doubles the UNet work on 2 CPU cores). ``forge-base`` = the same but 8 DDIM steps (the
+  demo's budget): on forge-base (brick, 8 images) 40 steps with guidance 3 took 3x the time for no gain in
+  defect likeness (bench/bench_defect_likeness.py). Explicit options override the preset; without one, the loaded backbone's own
   preset is used if the method has one, else ``demo`` (``ops.methods.base.MethodConfig``).
 - Adapter folder: ``<adapter>/<defect_type>/`` per type (files in ``embedding``); folders of types no longer
   in the support set are removed, so the folder mirrors the adapter row.
@@ -52,7 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     # measured on forge-base (brick, 8 images): 40 steps + guidance 3 took 3x the time for no gain in defect
     # likeness over the demo values, so forge-base keeps them (docs/forge_base.md)
-    "forge-base": dict(train_steps=12, steps=10, guidance=1.0),
+    "forge-base": dict(train_steps=12, steps=8, guidance=1.0),
     "paper": dict(train_steps=6000, lr=5e-3, batch_size=1, ckpt_every=500, steps=50, guidance=10.0),
 }
 

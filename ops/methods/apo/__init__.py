@@ -20,7 +20,7 @@ Choices where the paper is vague (see also the two helper modules):
 - Presets: ``demo`` (default: rank 4, TACA 1..4, 30 steps at lr 1e-3, 12 DDIM steps) keeps the CPU demo fast;
   ``paper`` (rank 32, TACA 8..32, 1000 steps at lr 1e-4, batch 4, 50 DDIM steps, s_text 7.5) follows common SD
   LoRA practice since the paper publishes no hyper-parameters; ``forge-base`` (the demo's backbone): LoRA on the
-  attention + conv + feed-forward layers (``ops.diffusion.lora.LORA_LAYER_SETS``), 12 steps at lr 3e-3, 10 DDIM
+  attention + conv + feed-forward layers (``ops.diffusion.lora.LORA_LAYER_SETS``), 8 steps at lr 3e-3, 8 DDIM
   steps (its UNet costs ~4x tiny's per call). Explicit options override the preset; without one, the loaded
   backbone's own preset is used if the method has one, else ``demo`` (``ops.methods.base.MethodConfig``).
 - β = 1000 in both presets: with λ' taken per unit of normalised time, β_t on SD's schedule is ≈ 3300–6000 for
@@ -77,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # forge-base (the demo's default backbone): its UNet costs ~4x tiny's per call, so fewer sampling steps keep
     # the demo inside its 10 minutes; the LoRA also covers the conv / projection / feed-forward layers, which a
     # small base needs to move towards the support images (docs/forge_base.md has the measurements)
-    "forge-base": dict(lora_layers="attention+conv+ff", train_steps=12, lr=3e-3, steps=10),
+    "forge-base": dict(lora_layers="attention+conv+ff", train_steps=8, lr=3e-3, steps=8),
     "paper": dict(rank=32, k_min=8, k_max=32, train_steps=1000, lr=1e-4, batch_size=4, ckpt_every=100, steps=50,
                   s_text=7.5),
 }

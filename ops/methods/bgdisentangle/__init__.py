@@ -20,7 +20,8 @@ Choices where the paper or the brief leave room (more in the sibling modules):
 - Presets: ``demo`` (default: LoRA rank 4, 8 steps at lr 1e-3, batch 2, 10 DDIM steps) is sized for the CPU
   demo; ``paper``: the UNet fine-tuned (DreamBooth-style, "full") for 500 iterations at lr 5e-6, batch 1, and
   50 DDIM steps, as the paper's experiments (it prints no learning rate or batch: DreamBooth's defaults).
-  ``forge-base``: the wider LoRA (attention + conv + feed-forward), 8 steps at lr 2e-3, background "normal".
+  ``forge-base``: the wider LoRA (attention + conv + feed-forward), 8 steps at lr 2e-3, 8 DDIM steps, background
+  "normal".
   Without an explicit preset the loaded backbone's own is used if the method has one, else ``demo``.
 - MVTec LOCO: logical anomalies go through the same path (C_bg carries the background the defect depends on);
   LOCO's merged per-image ground truth is what ingest gives as the mask.
@@ -50,7 +51,7 @@ from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(background="normal"),
     # forge-base: the wider LoRA (see APO's preset) and the normal background (its VAE cannot reproduce one)
-    "forge-base": dict(background="normal", lora_layers="attention+conv+ff", train_steps=8, lr=2e-3, steps=10),
+    "forge-base": dict(background="normal", lora_layers="attention+conv+ff", train_steps=8, lr=2e-3, steps=8),
     "paper": dict(adapter="full", train_steps=500, lr=5e-6, batch_size=1, ckpt_every=100, steps=50,
                   background="generated"),
 }

@@ -16,7 +16,7 @@ Presets: ``demo`` (default; CPU-sized: 16 CTP steps + 8 SSC steps at batch 1 ima
 ``paper``: γ = 0.001, β = 0.0005, α_thr = 0.75, 50 DDIM steps, SSC at the paper's constant lr 1e-5 with batch 16
 (8 images × 2 views) for 2000 steps (~1000 epochs of a product's ~30 support images); the tokens at lr 5e-3
 (textual inversion's usual rate; the paper gives none for them), CFG 7.5 (the paper gives none). The paper does
-not state the NT-Xent temperature: 0.5 (configurable). ``forge-base``: 12 CTP + 6 SSC steps, 10 DDIM steps
+not state the NT-Xent temperature: 0.5 (configurable). ``forge-base``: 12 CTP + 6 SSC steps, 8 DDIM steps
 (sized for the demo's budget). Explicit options override the preset; without one, the loaded backbone's own preset
 is used if the method has one, else ``demo`` (``ops.methods.base.MethodConfig``).
 """
@@ -46,7 +46,7 @@ TRAIN_FIELDS = ("prompt", "init_word", "train_steps", "lr", "batch_size", "views
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     # forge-base: sized for the demo's budget (its UNet costs ~4x tiny's per call)
-    "forge-base": dict(train_steps=12, control_steps=6, steps=10),
+    "forge-base": dict(train_steps=12, control_steps=6, steps=8),
     "paper": dict(train_steps=2000, lr=5e-3, batch_size=8, views=2, loc_timesteps=2, control_steps=2000,
                   control_lr=1e-5, ckpt_every=200, steps=50, guidance=7.5),
 }

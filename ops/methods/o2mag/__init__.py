@@ -23,7 +23,7 @@ Choices where the paper or the brief leave room (more in the two helper modules)
   of the anomaly tokens (``ops.masks.refine.attention_mask``, eq. 13 of the bg-disentangle paper), falling back
   to M_T when that leaves nothing (recorded in the row's params).
 - Presets: ``demo`` (AGO 30 steps, 12 DDIM steps, background "normal") keeps the CPU demo fast; ``paper`` = AGO
-  500 Adam steps at lr 3e-3 and 50 DDIM steps on SD 1.5; ``forge-base`` = AGO 12 steps, 10 DDIM steps, background
+  500 Adam steps at lr 3e-3 and 50 DDIM steps on SD 1.5; ``forge-base`` = AGO 12 steps, 8 DDIM steps, background
   "normal" (its VAE round trip is 19 dB). Explicit options override the preset; without one, the loaded
   backbone's own preset is used if the method has one, else ``demo`` (``ops.methods.base.MethodConfig``). The paper publishes no
   graft layers/steps nor DAE range/factor: defaults are the decoder at every step, DAE x1.5 on the middle 40 %.
@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # outside the generated region so the demo's images (and background metrics) show the placement mechanics.
     "demo": dict(background="normal"),
     # forge-base's VAE (19 dB round trip) cannot reproduce a background either; fewer steps for the demo's budget
-    "forge-base": dict(background="normal", ago_steps=12, steps=10),
+    "forge-base": dict(background="normal", ago_steps=12, steps=8),
     "paper": dict(ago_steps=500, ago_lr=3e-3, ago_ckpt_every=100, steps=50, background="generated"),
 }
 LAYER_GROUPS = ("down", "mid", "up")  # or full attention-processor names of the UNet
