@@ -27,8 +27,8 @@ Choices where the paper is vague (more in the two modules):
   ``demo`` = 12 steps at lr 0.02 (a larger lr so the few CPU steps move the row visibly), 10 DDIM steps and
   guidance 1 (CFG off: it doubles the UNet work on 2 CPU cores). ``forge-base`` = the same but 8 DDIM steps (the
   demo's budget): on forge-base (brick, 8 images) 40 steps with guidance 3 took 3x the time for no gain in
-  defect likeness (bench/bench_defect_likeness.py). Explicit options override the preset; without one, the loaded backbone's own
-  preset is used if the method has one, else ``demo`` (``ops.methods.base.MethodConfig``).
+  defect likeness (bench/bench_defect_likeness.py). Explicit options override the preset; without one, the
+  loaded backbone's own preset is used if the method has one, else ``demo`` (``ops.methods.base.MethodConfig``).
 - Adapter folder: ``<adapter>/<defect_type>/`` per type (files in ``embedding``); folders of types no longer
   in the support set are removed, so the folder mirrors the adapter row.
 """
