@@ -134,9 +134,10 @@ def materialize_demo(home: Path, category: str, method: str) -> None:
             raise RuntimeError("the demo materialization failed")
 
 
-# the preview is the first <img> of the opened Markdown dialog; rendered = loaded and wider than 0 px
-PREVIEW_RENDERED = ("(() => { const d = document.querySelector('[role=dialog]'); const i = d && d.querySelector('img');"
-                    " return !!(i && i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0); })()")
+# the preview is an <img> of the opened Markdown dialog (another, hidden dialog may be in the page: the first-visit
+# community one); rendered = loaded and wider than 0 px
+PREVIEW_RENDERED = ("[...document.querySelectorAll('[role=dialog] img')].some(i => i.complete && i.naturalWidth > 0 &&"
+                    " i.getBoundingClientRect().width > 0)")
 
 
 def icon_button(label: str) -> str:
