@@ -151,10 +151,24 @@ def text_element(text: str) -> str:
             f".startsWith({json.dumps(text)})).pop()")
 
 
+def dismiss_community_dialog(browser: Browser, wait: float = 0.0) -> None:
+    """The first-visit "Join the Dagster community" dialog comes a moment after the page: wait up to ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        if browser.js("document.body.innerText.includes('Join the Dagster community')"):
+            browser.click(text_element("Skip"), "community dialog's Skip button")
+            browser.wait_for("!document.body.innerText.includes('Join the Dagster community')",
+                             what="the community dialog closed")
+            return
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+
+
 def shoot_asset_graph(browser: Browser, url: str, path: Path) -> None:
     browser.goto(f"{url}/asset-groups")
     browser.wait_for("document.body.innerText.includes('generation')", what="the asset graph")
-    browser.js(f"{text_element('Skip')}?.click()")  # the first-visit community dialog, where it shows
+    dismiss_community_dialog(browser, wait=15)
     browser.click(icon_button("settings"), "graph settings button")
     browser.wait_for("document.body.innerText.includes('all groups')", what="the graph settings menu")
     browser.js(f"{text_element('Expand all groups')}?.click()")  # absent when the groups are already expanded
@@ -162,11 +176,13 @@ def shoot_asset_graph(browser: Browser, url: str, path: Path) -> None:
     browser.click(icon_button("panel_show_right"), "asset sidebar toggle")
     browser.wait_for("document.body.innerText.includes('synthet')", what="the expanded asset nodes")
     time.sleep(3)  # the graph lays itself out and fits the view after the nodes appear
+    dismiss_community_dialog(browser)
     browser.screenshot(path)
 
 
 def shoot_materialization(browser: Browser, url: str, partition: str, path: Path) -> None:
     browser.goto(f"{url}/assets/synthetic_anomalies?view=events&partition={urllib.request.quote(partition)}")
+    dismiss_community_dialog(browser, wait=5)
     browser.wait_for(f"!!{text_element('[Show Markdown]')}", what="the materialization's preview link")
     for attempt in range(3):  # a click before the page wired its handlers opens nothing: click again
         browser.click(text_element("[Show Markdown]"), "preview link")
@@ -178,6 +194,7 @@ def shoot_materialization(browser: Browser, url: str, partition: str, path: Path
                 raise
     browser.wait_for(PREVIEW_RENDERED, what="a rendered preview image")
     time.sleep(1)
+    dismiss_community_dialog(browser)
     browser.screenshot(path)
 
 
