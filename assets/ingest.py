@@ -14,6 +14,7 @@ Choices:
   stale when the images change, not when a folder is merely re-read (``pipelines.versions`` has the code side).
 - ops modules are imported inside the asset bodies so that loading the definitions (``dagster dev``) stays fast.
 """
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,16 @@ def raw_defect_sets(context: dg.AssetExecutionContext, settings: ForgeSettings,
         meta["rejected_files"] = table_metadata(result.rejects[["path", "reason", "fix"]])
     if len(result.notes):
         meta["notes_table"] = table_metadata(result.notes[["path", "note"]])
-    return dg.Output(rows, metadata=meta, data_version=dg.DataVersion(content_version(rows)))
+    return versioned_output(rows, meta)
+
+
+def versioned_output(rows: pd.DataFrame, meta: dict[str, Any]) -> dg.Output[pd.DataFrame]:
+    """The Output with its content data version. ``Output(data_version=...)`` is beta in the pinned Dagster and
+    would print a BetaWarning into every ingest run's log; the project relies on it knowingly (as on the beta
+    APIs silenced at load in pipelines.definitions)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Output(rows, metadata=meta, data_version=dg.DataVersion(content_version(rows)))
 
 
 CONTENT_COLUMNS = ["image_id", "split", "defect_type", "image_path", "width", "height", "sha256", "mask_area",

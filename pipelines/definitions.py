@@ -9,6 +9,11 @@ Choices:
 - Dagster's beta/preview warnings about the partition mapping and partitioned checks this project relies on (on
   a pinned Dagster) are silenced while the asset modules are imported here, as the CLI does: ``dagster dev``
   loads this module at every reload and would print them each time. Warnings raised elsewhere still show.
+- Library deprecation notices (FutureWarnings that anomalib / timm / diffusers print on import, "... is deprecated",
+  "... will be removed") are ignored in every process that loads this module (the code server and each step
+  process of a run), as the CLI does: they are not the operator's business and would repeat in every step's log.
+- Every job runs on the executor chosen by ``ANOMALY_FORGE_EXECUTOR`` (multiprocess by default; k8s / celery
+  from the YAML under deploy/; ``pipelines.executors``).
 - Loading the definitions imports no torch: ops stage modules are imported inside asset bodies (code versions
   are computed by parsing their source, ``pipelines.versions``).
 """
@@ -18,6 +23,7 @@ from typing import Any, Sequence
 
 import dagster as dg
 
+from pipelines.executors import build_executor
 from pipelines.jobs import GENERATION_JOB, build_jobs, lineage_stages
 from pipelines.schedules import build_regeneration_schedule, build_summary_automation_sensor, with_summary_automation
 from pipelines.sensors import build_new_category_sensor
@@ -25,6 +31,8 @@ from pipelines.versions import with_code_versions
 from resources.backbone import DiffusionBackbone
 from resources.settings import ForgeSettings
 from resources.storage import ParquetIOManager, StorageResource, storage_root_from_env
+
+warnings.filterwarnings("ignore", category=FutureWarning, message=".*(deprecated|will be removed)")
 
 ASSET_MODULES = ("assets.ingest", "assets.generation", "assets.quality", "assets.detection")
 
@@ -76,6 +84,7 @@ def build_definitions(storage_root: str | None = None, **settings: Any) -> dg.De
         if generation else [],
         sensors=sensors,
         resources=resources,
+        executor=build_executor(),
     )
 
 
