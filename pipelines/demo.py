@@ -29,6 +29,7 @@ import pandas as pd
 
 from pipelines.jobs import lineage_stages
 
+DEMO_DATA = "demo_data"  # the demo dataset's folder under a remote storage root
 BASELINE_NOTE = "Baselines (cutpaste, perlin) do not use the backbone."
 
 
@@ -217,6 +218,26 @@ def report_markdown(out: Path, steps: Sequence[StepResult], summary: pd.DataFram
     return "\n".join(lines)
 
 
+def _remote_demo_data(storage_root: str, categories: Sequence[str] | None, seed: int, size: int) -> str:
+    """The demo dataset under ``<storage root>/demo_data`` on a remote root, so that a step on any machine reads
+    it from there (built in a temp folder, uploaded file by file, the temp folder removed)."""
+    import shutil
+    import tempfile
+
+    from ops.demo_data import build_demo_dataset
+    from ops.storage import Storage
+
+    storage = Storage(storage_root)
+    tmp = Path(tempfile.mkdtemp(prefix="demo-data-"))
+    try:
+        built = build_demo_dataset(tmp / "data", categories=categories, seed=seed, size=size)
+        for f in sorted(p for p in built.rglob("*") if p.is_file()):
+            storage.write_bytes(f"{DEMO_DATA}/{f.relative_to(built).as_posix()}", f.read_bytes())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(storage.path(DEMO_DATA))
+
+
 def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
              categories: Sequence[str] | None = None, n: int = 16, size: int = 128, seed: int = 0,
              settings: dict[str, Any] | None = None, echo: Callable[[str], None] = print) -> int:
@@ -225,6 +246,7 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
     ``settings``: further ``ForgeSettings`` fields (e.g. ``detection_options``); the data root, ``n`` and
     ``seed`` arguments take precedence. Returns the process exit status: 0 when every step succeeded."""
     from ops.atomic import write_bytes_atomic
+    from ops.cache import is_remote
     from ops.demo_data import build_demo_dataset
     from ops.ingest import discover_categories
     from ops.methods.registry import available_methods
@@ -240,10 +262,13 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
         raise ValueError(f"--n must be >= 1, got {n}")
     out = Path(out).expanduser().resolve()
     t0 = time.monotonic()
-    data = build_demo_dataset(out / "data", categories=categories, seed=seed, size=size)
+    storage_root = os.environ.get("ANOMALY_FORGE_STORAGE") or str(out / "storage")
+    if is_remote(storage_root):
+        data = _remote_demo_data(storage_root, categories, seed, size)
+    else:
+        data = build_demo_dataset(out / "data", categories=categories, seed=seed, size=size)
     categories = list(categories or [c for c, _ in discover_categories(data)])
     echo(f"[{time.monotonic() - t0:7.1f}s] demo dataset       {data} ({', '.join(categories)})")
-    storage_root = out / "storage"
     overrides = {**(settings or {}), "dataset_roots": [str(data)], "n_per_partition": n, "seed": seed}
     defs = build_definitions(storage_root=str(storage_root), **overrides)
     with dagster_home(out / "dagster_home"), dg.DagsterInstance.get() as instance:
