@@ -1,7 +1,9 @@
 """``anomaly-forge demo``: the whole lineage on the embedded demo data, recorded in a real Dagster instance.
 
 Layout of the output folder ``DIR``: ``data/`` (demo dataset, MVTec AD layout), ``storage/`` (manifests, images,
-adapters, detectors), ``dagster_home/`` (the instance: runs, event log, partitions), ``report.md``.
+adapters, detectors), ``dagster_home/`` (the instance: runs, event log, partitions), ``report.md``. With
+``ANOMALY_FORGE_STORAGE`` set, that root is the storage; a remote one (s3://...) also receives the dataset under
+``<root>/demo_data`` and ``DIR`` holds only the instance and the report.
 
 Choices:
 - Runs go through the same stage jobs the sensor and the schedule launch (``pipelines.jobs``), executed
@@ -291,5 +293,6 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
     echo(f"{len(steps) - len(failed)}/{len(steps)} steps ok in {time.monotonic() - t0:.1f}s; "
          f"report: {out / 'report.md'}")
     echo(f"Note: {disclaimer(shown['backbone'])}")
-    echo(f"UI: DAGSTER_HOME={out / 'dagster_home'} ANOMALY_FORGE_HOME={out} dagster dev -w workspace.yaml")
+    remote = f"ANOMALY_FORGE_STORAGE={storage_root} " if is_remote(storage_root) else ""
+    echo(f"UI: DAGSTER_HOME={out / 'dagster_home'} ANOMALY_FORGE_HOME={out} {remote}dagster dev -w workspace.yaml")
     return 1 if failed else 0

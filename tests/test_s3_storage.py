@@ -3,9 +3,10 @@ the content-hash cache under concurrent readers, and ingest from an s3:// datase
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,10 @@ import pytest
 from ops.cache import ContentCache, upath
 from ops.manifest import read_manifest, write_manifest
 from ops.storage import Storage
+
+
+def _sha(data: bytes) -> str:  # compared as hashes: pytest's diff of two 1 MB byte strings takes minutes
+    return hashlib.sha256(data).hexdigest()
 
 
 def _fs():
@@ -60,19 +65,32 @@ def test_workdir_uploads_changes_and_removes_deleted_files(s3_server, storage_ca
     assert storage.read_bytes("adapters/brick/x/lora.safetensors") == b"weights v2"
 
 
-def _read_through_cache(root: str, url: str, env: dict) -> tuple[str, str]:
-    os.environ.update(env)
-    path = ContentCache(Path(root)).file(url)
-    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def test_cache_concurrent_readers_share_one_entry_and_a_changed_object_gets_a_new_one(s3_server, tmp_path):
-    data = os.urandom(3 << 20)
+def test_cache_concurrent_readers_share_one_entry_and_a_changed_object_gets_a_new_one(s3_server, tmp_path,
+                                                                                    monkeypatch):
+    data = os.urandom(1 << 20)
     _fs().pipe_file("forge/cache/big.bin", data)
-    url, root = "s3://forge/cache/big.bin", str(tmp_path / "c")
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        got = list(pool.map(_read_through_cache, [root, root], [url, url], [s3_server.env] * 2))
-    assert got[0] == got[1] and got[0][1] == hashlib.sha256(data).hexdigest()
+    url, root = "s3://forge/cache/big.bin", tmp_path / "c"
+    downloads = []
+    store = ContentCache._put_blob
+
+    def slow_store(self, payload, suffix):  # widens the window in which a second reader would download again
+        downloads.append(len(payload))
+        time.sleep(0.3)
+        return store(self, payload, suffix)
+
+    monkeypatch.setattr(ContentCache, "_put_blob", slow_store)
+    start = threading.Barrier(4)
+
+    def read(_):  # separate ContentCache objects, as separate runs have; flock is per open file, threads included
+        start.wait()
+        path = ContentCache(root).file(url)
+        return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(read, range(4)))
+    assert len(set(got)) == 1 and got[0][1] == hashlib.sha256(data).hexdigest()
+    assert len(downloads) == 1  # the others waited on the lock and found the entry
+    root = str(root)
     cache = ContentCache(Path(root))
     blobs = sorted(p for p in (Path(root) / "blobs").rglob("*") if p.is_file())
     assert len(blobs) == 1 and blobs[0].name == f"{hashlib.sha256(data).hexdigest()}.bin"
@@ -80,15 +98,15 @@ def test_cache_concurrent_readers_share_one_entry_and_a_changed_object_gets_a_ne
 
     _fs().pipe_file("forge/cache/big.bin", data[::-1])  # same key and size, other content
     fresh = cache.file(url)
-    assert fresh.read_bytes() == data[::-1] and str(fresh) != got[0][0]
-    assert Path(got[0][0]).read_bytes() == data  # the old entry is untouched (a running reader may hold it)
+    assert _sha(fresh.read_bytes()) == _sha(data[::-1]) and str(fresh) != got[0][0]
+    assert _sha(Path(got[0][0]).read_bytes()) == _sha(data)  # the old entry stays (a running reader may hold it)
     assert len([p for p in (Path(root) / "index").rglob("*") if p.is_file()]) == 2
 
     for p in (Path(root) / "blobs").rglob("*"):  # eviction: everything is older than keep_seconds=0
         os.utime(p, (1, 1))
     assert cache.prune(0, keep_seconds=0) >= 2 * len(data)
     assert not [p for p in (Path(root) / "blobs").rglob("*") if p.is_file()]
-    assert cache.file(url).read_bytes() == data[::-1]  # a pruned entry is fetched again
+    assert _sha(cache.file(url).read_bytes()) == _sha(data[::-1])  # a pruned entry is fetched again
 
 
 def test_ingest_reads_an_s3_dataset_root(s3_server, storage_cache, demo_root, demo_raw):
@@ -109,3 +127,29 @@ def test_ingest_reads_an_s3_dataset_root(s3_server, storage_cache, demo_root, de
     sample = load_sample(defect)
     assert sample.source == f"{root}/{defect['image_path']}" and sample.mask.any()
     assert (storage_cache / "trees").is_dir()  # read through the local mirror, not from the test's own folder
+
+
+def test_lock_on_an_s3_folder_serialises_writers_on_one_machine(s3_server, storage_cache):
+    from ops.locks import storage_lock
+
+    storage = Storage(s3_server.url("locks"))
+    inside, overlaps = [], []
+
+    def writer(i):
+        with storage_lock(storage, "adapters/brick/anogen"):
+            inside.append(i)
+            overlaps.append(len(inside))
+            time.sleep(0.2)
+            inside.remove(i)
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(writer, range(3)))
+    assert overlaps == [1, 1, 1]
+    assert not storage.list_files("adapters")  # the lock lives in the local cache, not in the bucket
+
+
+def test_dataset_roots_from_the_environment_keep_urls_whole(monkeypatch):
+    from resources.settings import ForgeSettings
+
+    monkeypatch.setenv("ANOMALY_FORGE_DATASETS", "/data/mvtec:s3://forge/datasets:/data/own")
+    assert ForgeSettings.from_env().dataset_roots == ["/data/mvtec", "s3://forge/datasets", "/data/own"]
