@@ -87,7 +87,11 @@ def raw_defect_sets(context: dg.AssetExecutionContext, settings: ForgeSettings,
     category = context.partition_key
     root, layout = _locate(settings, category)
     store = storage.get()
-    result = ingest_category(root, category, layout=layout, cache_dir=store.path(f"cache/ingest/{category}"))
+    # union masks (LOCO) need a local folder: the storage root's cache, or this machine's cache on a remote root
+    from ops.cache import cache_dir
+
+    masks_dir = store.path(f"cache/ingest/{category}") if store.is_local else cache_dir() / "ingest" / category
+    result = ingest_category(root, category, layout=layout, cache_dir=masks_dir)
     write_manifest(store.manifest_path(REJECTS, category), result.rejects, REJECT_SCHEMA, REJECTS)
     write_manifest(store.manifest_path(NOTES, category), result.notes, NOTE_SCHEMA, NOTES)
     rows = result.rows

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ops.cache import join
 from ops.manifest import read_manifest
-from ops.samples import encode_png, read_mask
+from ops.samples import dataset_file, encode_png, read_mask
 from ops.storage import Storage, check_name
 
 MASKS = ("final", "method")
@@ -82,10 +83,10 @@ def export_mvtec(storage: Storage, category: str, method: str, out_dir: Any, mas
         files: dict[str, dict[str, Any]] = {}
         for role, folder in (("train_good", "train/good"), ("test_good", "test/good")):
             for row in split[split["role"] == role].sort_values("image_id").itertuples(index=False):
-                src = Path(row.dataset_root) / row.image_path
-                rel = f"{folder}/{str(row.image_id).replace('/', '_')}{src.suffix.lower()}"
-                _write(tmp / rel, src.read_bytes())
-                files[rel] = {"source": str(src), "image_id": row.image_id}
+                src = join(str(row.dataset_root), row.image_path)  # a path, or a URL on a remote dataset root
+                rel = f"{folder}/{str(row.image_id).replace('/', '_')}{Path(row.image_path).suffix.lower()}"
+                _write(tmp / rel, dataset_file(row.dataset_root, row.image_path).read_bytes())
+                files[rel] = {"source": src, "image_id": row.image_id}
         for row in synthetic.sort_values("index").itertuples(index=False):
             stem = f"{int(row.index):05d}"
             rel = f"test/{row.defect_type}/{stem}.png"

@@ -84,15 +84,20 @@ def fit_adapter(storage: Storage, category: str, method_name: str, split_df: pd.
     support_rows = _support_rows(split_df, category)
     support = [load_sample(row) for row in support_rows.to_dict("records")]
     rel = f"adapters/{category}/{method_name}"
-    out_dir = storage.path(rel)
     start = time.perf_counter()
     # two runs of one partition take turns; the second's fit finds the first's finished checkpoints and
-    # returns without training (Method.fit is idempotent)
-    with storage_lock(storage, rel), _progress(progress, f"fit {category}/{method_name}", None) as report:
+    # returns without training (Method.fit is idempotent). On a remote root the method writes into a local
+    # copy of the folder, uploaded when fit returns (Storage.workdir).
+    with storage_lock(storage, rel), storage.workdir(rel) as out_dir, \
+            _progress(progress, f"fit {category}/{method_name}", None) as report:
         adapter = method.fit(backbone, support, config, out_dir=out_dir, progress=report)
+        adapter_path = None
+        if adapter.path is not None:
+            sub = Path(adapter.path).relative_to(out_dir).as_posix()
+            adapter_path = rel if sub == "." else f"{rel}/{sub}"
     df = pd.DataFrame([{
         "category": category, "method": method_name,
-        "adapter_path": storage.rel(adapter.path) if adapter.path is not None else None,
+        "adapter_path": adapter_path,
         "support_ids": sorted(s.image_id for s in support), "n_support": len(support),
         "meta_json": dumps(adapter.meta), "config_json": dumps(asdict(config)),
         "seconds": time.perf_counter() - start,
@@ -315,6 +320,11 @@ def _to_uint16(values: np.ndarray, name: str, job: SynthesisJob) -> np.ndarray:
 
 
 def _remove_stale(storage: Storage, base: str, keep: set[str]) -> None:
+    if not storage.is_local:  # an object store has no folders to prune
+        for rel in storage.list_files(base):
+            if rel not in keep:
+                storage.remove(rel)
+        return
     root = storage.path(base)
     if not root.exists():
         return
@@ -340,7 +350,8 @@ def _adapter(storage: Storage, adapter_df: pd.DataFrame | None, category: str, m
         raise ValueError(f"adapter {category}/{method} was fitted on support images {sorted(row['support_ids'])} "
                          f"but the split now has {sorted(support_ids)}: re-materialize anomaly_adapters")
     path = row["adapter_path"]
-    return Adapter(method=method, category=category, path=storage.path(path) if isinstance(path, str) else None,
+    # methods read adapter files with local-file APIs (safetensors, diffusers): a cached mirror on remote roots
+    return Adapter(method=method, category=category, path=storage.local_tree(path) if isinstance(path, str) else None,
                    meta=json.loads(row["meta_json"]))
 
 

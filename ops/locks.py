@@ -4,18 +4,25 @@ output) take turns instead of writing the same files at once.
 Choices:
 - ``fcntl.flock`` on a ``.lock`` file next to what it guards: the kernel drops the lock when the holder dies
   (kill -9 included), so a crashed run never leaves a stale lock behind; it works across processes and, since
-  every ``open`` is its own file description, across threads of one process too. NFS v4 honours it; a storage
-  root on an object store (s3://) has no such lock, so there a partition must have one writer at a time
-  (Dagster's own run queue gives that); the guard is then a no-op.
+  every ``open`` is its own file description, across threads of one process too. NFS v4 honours it.
+- An object store (s3://) has no lock an flock could stand for, and a lease emulated with objects would be
+  neither safe nor simple. The rule there is ONE WRITER PER GUARDED FOLDER ACROSS MACHINES: Dagster launches one
+  run per partition and the ``gpu`` pool / run queue keep a second run of a partition from starting while one is
+  running (do not launch the same partition by hand on two machines at once). On one machine the guard is still
+  real: an flock on ``<cache>/locks/<hash of the folder URL>.lock``, so runs sharing a machine take turns as on
+  a local root. What a second writer on another machine could do is bounded: every file is one atomic put and the
+  guarded outputs are deterministic, so the last writer's files equal the first's.
 - The waiter simply blocks; what it does after (reuse the winner's result) is the caller's business.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ops.cache import cache_dir
 from ops.storage import Storage
 
 LOCK_NAME = ".lock"
@@ -36,9 +43,12 @@ def exclusive(folder: Path) -> Iterator[Path]:
 
 @contextmanager
 def storage_lock(storage: Storage, rel: str) -> Iterator[None]:
-    """The lock of the folder ``rel`` under a local storage root; nothing on remote roots (module doc)."""
+    """The lock of the folder ``rel``: an flock next to it on a local root, a machine-local one for a remote
+    root (module doc: one writer per folder across machines)."""
     if not storage.is_local:
-        yield
+        key = hashlib.sha256(str(storage.path(rel)).encode()).hexdigest()
+        with exclusive(cache_dir() / "locks" / key):
+            yield
         return
     with exclusive(Path(storage.path(rel))):
         yield

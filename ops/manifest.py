@@ -39,6 +39,16 @@ def write_manifest(path: Any, df: pd.DataFrame, schema: pa.Schema, name: str = "
 
 
 def read_manifest(path: Any) -> pd.DataFrame:
+    """A manifest from a local path or a UPath; remote ones are read through fsspec (one GET), never through
+    pyarrow's own S3 client, which would need its own endpoint and credential settings."""
+    from ops.cache import is_remote
+
+    if is_remote(path):
+        import io
+
+        from ops.cache import upath
+
+        return pq.read_table(io.BytesIO(upath(str(path)).read_bytes())).to_pandas()
     return pq.read_table(str(path)).to_pandas()
 
 

@@ -25,19 +25,28 @@ def read_mask(path: Any) -> np.ndarray:
         return np.asarray(im.convert("L")) > 0
 
 
+def dataset_file(root: Any, rel: str) -> Path:
+    """A local path to read ``rel`` of a dataset root (a cached copy when the root is a URL, ``ops.cache``);
+    absolute ``rel`` (union masks written at ingest) is taken as is."""
+    from ops.cache import join, local_file
+
+    return local_file(rel if rel.startswith("/") or "://" in rel else join(root, rel))
+
+
 def load_sample(row: Mapping[str, Any]) -> "Sample":
+    from ops.cache import join
     from ops.types import Sample
 
-    root = Path(row["dataset_root"])
-    image = read_rgb(root / row["image_path"])
+    root = str(row["dataset_root"])
+    image = read_rgb(dataset_file(root, row["image_path"]))
     mask_rel = row.get("mask_path")
     mask = None
     if isinstance(mask_rel, str) and mask_rel:
-        mask = read_mask(root / mask_rel)
+        mask = read_mask(dataset_file(root, mask_rel))
     elif row.get("defect_type") != "good":
         mask = np.zeros(image.shape[:2], dtype=bool)
     return Sample(image_id=str(row["image_id"]), category=str(row["category"]), defect_type=str(row["defect_type"]),
-                  image=image, mask=mask, source=str(root / row["image_path"]))
+                  image=image, mask=mask, source=join(root, row["image_path"]))
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -9,14 +9,23 @@ Layout::
     <root>/cache/...                                         (latent / embedding caches keyed by content hash)
 
 Manifests hold paths relative to the root, so a root can be moved or synced to object storage as a whole.
+
+A remote root (s3://bucket/prefix) is written one object per file (``write_bytes``: one put, atomic) and a folder
+at a time (``workdir``: a private local folder, uploaded when the block ends); it is read by stages that need real
+files through ``local_file`` / ``local_tree``, which go through the machine's content-hash cache (``ops.cache``).
+On a local root those are the files themselves, so nothing is copied.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from ops import cache
 from ops.atomic import write_bytes_atomic
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -38,7 +47,7 @@ def sha256_bytes(data: bytes) -> str:
 
 def sha256_file(path: Any) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(cache.local_file(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -50,9 +59,7 @@ class Storage:
     def __init__(self, root: Any):
         s = str(root)
         if "://" in s and not s.startswith("file://"):
-            from upath import UPath
-
-            self.root = UPath(s)
+            self.root = cache.upath(s)
         else:
             self.root = Path(s.removeprefix("file://")).expanduser().resolve()
 
@@ -83,3 +90,61 @@ class Storage:
     def read_bytes(self, rel: str) -> bytes:
         p = self.path(rel)
         return p.read_bytes()
+
+    def local_file(self, rel: str) -> Path:
+        """A local file with the content of ``rel`` (the file itself on a local root; module doc)."""
+        return cache.local_file(self.path(rel))
+
+    def local_tree(self, rel: str) -> Path:
+        """A local folder with the content of the folder ``rel`` (itself on a local root; read-only copies else)."""
+        return cache.local_tree(self.path(rel))
+
+    def list_files(self, rel: str) -> list[str]:
+        """Every file under the folder ``rel``, as root-relative paths, sorted; [] when there is none."""
+        p = self.path(rel)
+        if self.is_local:
+            return sorted(self.rel(f) for f in Path(p).rglob("*") if f.is_file()) if Path(p).is_dir() else []
+        prefix = self.root.path.rstrip("/") + "/"
+        found = p.fs.find(p.path, detail=True)
+        return sorted(k[len(prefix):] for k, info in found.items()
+                      if info.get("type") != "directory" and k.startswith(prefix))
+
+    def remove(self, rel: str) -> None:
+        p = self.path(rel)
+        if self.is_local:
+            Path(p).unlink(missing_ok=True)
+        else:
+            p.fs.rm_file(p.path)
+
+    @contextmanager
+    def workdir(self, rel: str) -> Iterator[Path]:
+        """A local folder holding the folder ``rel`` for code that writes files itself (trainers, exporters).
+
+        Local root: the folder itself. Remote root: a private temp folder seeded with the folder's current
+        objects (so resumable code finds its checkpoints); when the block ends without an error, changed and new
+        files are uploaded and objects whose file was deleted are removed, so the prefix mirrors the folder."""
+        if self.is_local:
+            p = Path(self.path(rel))
+            p.mkdir(parents=True, exist_ok=True)
+            yield p
+            return
+        before = {r[len(rel) + 1:]: r for r in self.list_files(rel)}
+        tmp = Path(tempfile.mkdtemp(prefix="workdir-"))
+        try:
+            seeded = {}
+            if before:
+                mirror = self.local_tree(rel)
+                for sub in before:
+                    (tmp / sub).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(mirror / sub, tmp / sub)  # a writable copy: blobs are shared and read-only
+                    seeded[sub] = sha256_file(tmp / sub)
+            yield tmp
+            after = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
+            for sub in after:
+                data = (tmp / sub).read_bytes()
+                if seeded.get(sub) != sha256_bytes(data):
+                    self.write_bytes(f"{rel}/{sub}", data)
+            for sub in sorted(set(before) - set(after)):
+                self.remove(before[sub])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

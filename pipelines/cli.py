@@ -112,14 +112,22 @@ def cmd_add_category(args: argparse.Namespace) -> int:
         else:
             instance.add_dynamic_partitions("category", [args.name])
             print(f"added category partition {args.name!r}")
-    roots = os.environ.get("ANOMALY_FORGE_DATASETS", "").split(os.pathsep)
-    if str(Path(args.root).resolve()) not in [str(Path(r).resolve()) for r in roots if r]:
-        print(f"note: add {Path(args.root).resolve()} to ANOMALY_FORGE_DATASETS so later ingest runs find it")
+    from resources.settings import split_roots
+
+    roots = split_roots(os.environ.get("ANOMALY_FORGE_DATASETS", ""))
+    if _canonical(str(root)) not in [_canonical(r) for r in roots]:
+        print(f"note: add {root} to ANOMALY_FORGE_DATASETS so later ingest runs find it")
     if args.no_run:
         return 0
     if args.in_process:
         return _run([args.name], methods, extra_roots=[str(root)])
     return _submit_backfill(args.name, methods, str(root))
+
+
+def _canonical(root: str) -> str:
+    from ops.cache import is_remote
+
+    return root.rstrip("/") if is_remote(root) else str(Path(root).resolve())
 
 
 def _submit_backfill(category: str, methods: Sequence[str] | None, root: str) -> int:
@@ -130,7 +138,7 @@ def _submit_backfill(category: str, methods: Sequence[str] | None, root: str) ->
 
     settings = ForgeSettings.from_env()
     methods = list(methods or settings.active_methods())
-    defs = build_definitions(dataset_roots=list(dict.fromkeys([*settings.dataset_roots, str(Path(root).resolve())])))
+    defs = build_definitions(dataset_roots=list(dict.fromkeys([*settings.dataset_roots, _canonical(root)])))
     with _instance() as instance:
         backfill_id = submit_backfill(instance, defs.get_repository_def().asset_graph, category, methods,
                                       trigger="cli")

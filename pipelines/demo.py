@@ -1,7 +1,9 @@
 """``anomaly-forge demo``: the whole lineage on the embedded demo data, recorded in a real Dagster instance.
 
 Layout of the output folder ``DIR``: ``data/`` (demo dataset, MVTec AD layout), ``storage/`` (manifests, images,
-adapters, detectors), ``dagster_home/`` (the instance: runs, event log, partitions), ``report.md``.
+adapters, detectors), ``dagster_home/`` (the instance: runs, event log, partitions), ``report.md``. With
+``ANOMALY_FORGE_STORAGE`` set, that root is the storage; a remote one (s3://...) also receives the dataset under
+``<root>/demo_data`` and ``DIR`` holds only the instance and the report.
 
 Choices:
 - Runs go through the same stage jobs the sensor and the schedule launch (``pipelines.jobs``), executed
@@ -30,6 +32,7 @@ import pandas as pd
 from ops.demo_data import DEMO_N
 from pipelines.jobs import lineage_stages
 
+DEMO_DATA = "demo_data"  # the demo dataset's folder under a remote storage root
 BASELINE_NOTE = "Baselines (cutpaste, perlin) do not use the backbone."
 
 
@@ -218,6 +221,26 @@ def report_markdown(out: Path, steps: Sequence[StepResult], summary: pd.DataFram
     return "\n".join(lines)
 
 
+def _remote_demo_data(storage_root: str, categories: Sequence[str] | None, seed: int, size: int) -> str:
+    """The demo dataset under ``<storage root>/demo_data`` on a remote root, so that a step on any machine reads
+    it from there (built in a temp folder, uploaded file by file, the temp folder removed)."""
+    import shutil
+    import tempfile
+
+    from ops.demo_data import build_demo_dataset
+    from ops.storage import Storage
+
+    storage = Storage(storage_root)
+    tmp = Path(tempfile.mkdtemp(prefix="demo-data-"))
+    try:
+        built = build_demo_dataset(tmp / "data", categories=categories, seed=seed, size=size)
+        for f in sorted(p for p in built.rglob("*") if p.is_file()):
+            storage.write_bytes(f"{DEMO_DATA}/{f.relative_to(built).as_posix()}", f.read_bytes())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(storage.path(DEMO_DATA))
+
+
 def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
              categories: Sequence[str] | None = None, n: int = DEMO_N, size: int = 128, seed: int = 0,
              settings: dict[str, Any] | None = None, echo: Callable[[str], None] = print) -> int:
@@ -226,6 +249,7 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
     ``settings``: further ``ForgeSettings`` fields (e.g. ``detection_options``); the data root, ``n`` and
     ``seed`` arguments take precedence. Returns the process exit status: 0 when every step succeeded."""
     from ops.atomic import write_bytes_atomic
+    from ops.cache import is_remote
     from ops.demo_data import DEMO_CATEGORIES, build_demo_dataset
     from ops.methods.registry import available_methods
     from ops.storage import Storage
@@ -241,9 +265,12 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
     out = Path(out).expanduser().resolve()
     t0 = time.monotonic()
     categories = list(categories or DEMO_CATEGORIES)
-    data = build_demo_dataset(out / "data", categories=categories, seed=seed, size=size)
+    storage_root = os.environ.get("ANOMALY_FORGE_STORAGE") or str(out / "storage")
+    if is_remote(storage_root):
+        data = _remote_demo_data(storage_root, categories, seed, size)
+    else:
+        data = build_demo_dataset(out / "data", categories=categories, seed=seed, size=size)
     echo(f"[{time.monotonic() - t0:7.1f}s] demo dataset       {data} ({', '.join(categories)})")
-    storage_root = out / "storage"
     user = dict(settings or {})
     # IC-LPIPS compares the demo's images at their own size: resizing 128 px images to the 256 px default costs
     # four times the feature work and adds no detail (a user's quality_options still win)
@@ -271,5 +298,6 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
     echo(f"{len(steps) - len(failed)}/{len(steps)} steps ok in {time.monotonic() - t0:.1f}s; "
          f"report: {out / 'report.md'}")
     echo(f"Note: {disclaimer(shown['backbone'])}")
-    echo(f"UI: DAGSTER_HOME={out / 'dagster_home'} ANOMALY_FORGE_HOME={out} dagster dev -w workspace.yaml")
+    remote = f"ANOMALY_FORGE_STORAGE={storage_root} " if is_remote(storage_root) else ""
+    echo(f"UI: DAGSTER_HOME={out / 'dagster_home'} ANOMALY_FORGE_HOME={out} {remote}dagster dev -w workspace.yaml")
     return 1 if failed else 0

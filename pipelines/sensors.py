@@ -2,7 +2,8 @@
 
 Choices:
 - Categories are discovered by ``ops.ingest.discover_categories`` (through ``assets.ingest.find_categories``).
-  Each folder is fingerprinted by a *listing hash* (relative path, size and mtime of every file under it).
+  Each folder is fingerprinted by a *listing hash* (relative path, size and mtime of every file under it; on an
+  object store, s3://..., path, size and ETag from one recursive listing).
 - A folder is acted on only once it is *stable*: the same listing on two consecutive ticks, or a marker file
   named ``.ready`` in the category folder (written by the copier when it is done; then the first tick acts).
   A folder still being copied therefore waits, and the skip reason says so.
@@ -45,6 +46,10 @@ _STALLED = ("COMPLETED_FAILED", "FAILED", "CANCELED")
 
 def listing_hash(folder: str | Path) -> tuple[str, int]:
     """(hash of every file's relative path, size and mtime under ``folder``, number of files); marker excluded."""
+    from ops.cache import is_remote
+
+    if is_remote(folder):
+        return _remote_listing_hash(str(folder))
     folder = Path(folder)
     entries = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -60,6 +65,23 @@ def listing_hash(folder: str | Path) -> tuple[str, int]:
                 continue
             entries.append(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16], len(entries)
+
+
+def _remote_listing_hash(url: str) -> tuple[str, int]:
+    from ops.cache import upath
+
+    p = upath(url.rstrip("/"))
+    prefix = p.path.rstrip("/") + "/"
+    entries = [f"{key[len(prefix):]}\t{info.get('size')}\t{info.get('ETag') or info.get('LastModified')}"
+               for key, info in sorted(p.fs.find(p.path, detail=True).items())
+               if info.get("type") != "directory" and key[len(prefix):] != READY_MARKER]
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16], len(entries)
+
+
+def _has_marker(folder: str) -> bool:
+    from ops.cache import is_remote, join, upath
+
+    return upath(join(folder, READY_MARKER)).exists() if is_remote(folder) else (Path(folder) / READY_MARKER).exists()
 
 
 def _backfill_status(instance: dg.DagsterInstance, category: str) -> str | None:
@@ -79,6 +101,7 @@ def _backfill_status(instance: dg.DagsterInstance, category: str) -> str | None:
 
 def evaluate(context: dg.SensorEvaluationContext, settings: ForgeSettings) -> dg.SensorResult:
     from assets.ingest import find_categories  # here: importing asset modules is pipelines.definitions' job
+    from ops.cache import join
 
     state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
     known: dict[str, dict[str, Any]] = state.get("categories", {})
@@ -91,7 +114,7 @@ def evaluate(context: dg.SensorEvaluationContext, settings: ForgeSettings) -> dg
     asset_graph = context.repository_def.asset_graph
     requests, new, waiting = [], [], []
     for category, (root, _layout) in sorted(found.items()):
-        folder = Path(root) / category
+        folder = join(root, category)
         listing, n_files = listing_hash(folder)
         entry = known.get(category)
         if entry is None and category in existing:
@@ -108,7 +131,7 @@ def evaluate(context: dg.SensorEvaluationContext, settings: ForgeSettings) -> dg
             waiting.append(f"{category}: its partition was deleted after a backfill; not re-adding it "
                            f"(`anomaly-forge add-category {category} --root {root}` brings it back)")
             continue
-        if not (folder / READY_MARKER).exists() and entry["ticks"] < STABLE_TICKS:
+        if not _has_marker(folder) and entry["ticks"] < STABLE_TICKS:
             what = "new folder" if entry["backfilled"] is None else "changed folder"
             waiting.append(f"{category}: {what} with {n_files} files, waiting until its listing stays unchanged "
                            f"for one more tick (or a {READY_MARKER} file in it)")

@@ -70,7 +70,12 @@ def category_name(name: str) -> str:
         raise UsageError(str(e)) from None
 
 
-def folder(path: str, option: str) -> Path:
+def folder(path: str, option: str) -> Any:
+    """A local dataset folder, resolved; a URL (s3://...) as given (find_categories reports what it holds)."""
+    from ops.cache import is_remote
+
+    if is_remote(path):
+        return path.rstrip("/")
     p = Path(path).expanduser()
     if not p.is_dir():
         raise UsageError(f"{option} {path}: {'not a folder' if p.exists() else 'no such folder'}; give the dataset "

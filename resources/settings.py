@@ -8,7 +8,8 @@ Choices:
   the same for the quality and detection stages.
 - Defaults from the environment (``from_env``) so that ``dagster dev`` picks up a demo folder without editing
   code: ``ANOMALY_FORGE_HOME`` (default ``demo_out``, resolved against the working directory),
-  ``ANOMALY_FORGE_DATASETS`` (``os.pathsep``-separated, default ``$ANOMALY_FORGE_HOME/data``),
+  ``ANOMALY_FORGE_DATASETS`` (``os.pathsep``-separated, URLs such as ``s3://bucket/data`` kept whole; default
+  ``$ANOMALY_FORGE_HOME/data``),
   ``ANOMALY_FORGE_N`` (default 64), ``ANOMALY_FORGE_SEED`` (default 0) and ``ANOMALY_FORGE_METHODS``
   (comma-separated; default: every registered method).
 - ``methods`` limits what the new-category sensor and the regeneration schedule materialize (the ``method``
@@ -21,6 +22,7 @@ Choices:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +35,17 @@ REGEN_SEEDS = ("fixed", "per_round")  # see pipelines/schedules.py
 
 def forge_home() -> Path:
     return Path(os.environ.get("ANOMALY_FORGE_HOME", "demo_out")).expanduser().resolve()
+
+
+def split_roots(text: str) -> list[str]:
+    """``ANOMALY_FORGE_DATASETS`` split on ``os.pathsep`` (":"), keeping URLs whole (``s3:`` + ``//bucket/x``)."""
+    out: list[str] = []
+    for part in text.split(os.pathsep):
+        if out and part.startswith("//") and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", out[-1]):
+            out[-1] += ":" + part
+        else:
+            out.append(part)
+    return [p for p in out if p]
 
 
 def _int_env(name: str, default: int) -> int:
@@ -70,7 +83,7 @@ class ForgeSettings(dg.ConfigurableResource):
     def from_env(cls, **overrides: Any) -> "ForgeSettings":
         roots = os.environ.get("ANOMALY_FORGE_DATASETS")
         values: dict[str, Any] = {
-            "dataset_roots": roots.split(os.pathsep) if roots else [str(forge_home() / "data")],
+            "dataset_roots": split_roots(roots) if roots else [str(forge_home() / "data")],
             "n_per_partition": _int_env("ANOMALY_FORGE_N", 64),
             "seed": _int_env("ANOMALY_FORGE_SEED", 0),
             "methods": [m.strip() for m in os.environ.get("ANOMALY_FORGE_METHODS", "").split(",") if m.strip()],

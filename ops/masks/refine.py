@@ -41,7 +41,8 @@ from scipy import ndimage
 from ops.manifest import dumps, empty_frame, to_table
 from ops.methods.base import MethodConfig, Progress, no_progress
 from ops.progress import progress_bar
-from ops.samples import encode_png, read_mask, read_rgb
+from ops.cache import join
+from ops.samples import dataset_file, encode_png, read_mask, read_rgb
 from ops.storage import Storage, sha256_bytes
 
 KINDS = ("diff", "attention", "localization")
@@ -191,12 +192,16 @@ def _rel(category: str, method: str, kind: str, defect_type: str, index: int) ->
 
 
 def refine_row(storage: Storage, row: pd.Series, cfg: RefineConfig) -> dict[str, Any]:
-    image = read_rgb(storage.path(row["image_path"]))
-    target = read_mask(storage.path(row["target_path"]))
-    own = read_mask(storage.path(row["mask_path"]))
-    normal_file = Path(str(row["normal_dataset_root"])) / str(row["normal_path"])
-    if not normal_file.is_file():
-        raise FileNotFoundError(f"{normal_file}: source normal image of {row['image_path']} is missing; restore the "
+    image = read_rgb(storage.local_file(row["image_path"]))
+    target = read_mask(storage.local_file(row["target_path"]))
+    own = read_mask(storage.local_file(row["mask_path"]))
+    try:
+        normal_file = dataset_file(row["normal_dataset_root"], str(row["normal_path"]))
+    except FileNotFoundError:
+        normal_file = None
+    if normal_file is None or not normal_file.is_file():
+        where = join(str(row["normal_dataset_root"]), str(row["normal_path"]))
+        raise FileNotFoundError(f"{where}: source normal image of {row['image_path']} is missing; restore the "
                                 f"dataset at normal_dataset_root or re-run synthetic_anomalies")
     normal = read_rgb(normal_file)
     if target.shape != image.shape[:2] or own.shape != image.shape[:2]:
@@ -206,10 +211,10 @@ def refine_row(storage: Storage, row: pd.Series, cfg: RefineConfig) -> dict[str,
     masks["diff"], threshold = diff_mask(image, normal, target, cfg)
     extras = _extras(row)
     if "attention" in extras:
-        masks["attention"] = attention_mask(load_map(storage.path(extras["attention"])), target,
+        masks["attention"] = attention_mask(load_map(storage.local_file(extras["attention"])), target,
                                             cfg.attention_threshold)
     if "localization" in extras:
-        masks["localization"] = localization_mask(load_map(storage.path(extras["localization"])), target, cfg)
+        masks["localization"] = localization_mask(load_map(storage.local_file(extras["localization"])), target, cfg)
     out: dict[str, Any] = {
         "category": cat, "method": meth, "defect_type": dt, "index": idx, "image_path": row["image_path"],
         "target_path": row["target_path"], "method_mask_path": row["mask_path"], "width": image.shape[1],

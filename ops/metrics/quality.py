@@ -48,7 +48,7 @@ from ops.metrics.ic_lpips import assign_clusters, ic_ad, ic_dfm
 from ops.metrics.inception import InceptionFeatures, load_inception
 from ops.metrics.weights import Missing
 from ops.progress import progress_bar
-from ops.samples import load_sample, read_mask, read_rgb
+from ops.samples import dataset_file, load_sample, read_mask, read_rgb
 from ops.storage import Storage
 from ops.viz import figure_png
 
@@ -147,11 +147,12 @@ def _synthetic_images(storage: Storage, syn: pd.DataFrame, ref: pd.DataFrame) ->
             raise ValueError(f"refined_masks has no row for synthetic index {idx} ({r['image_path']}); "
                              f"re-materialize refined_masks for this partition")
         rr = ref_by_index.loc[idx]
-        out[idx] = {"image": read_rgb(storage.path(r["image_path"])), "defect_type": str(r["defect_type"]),
-                    "target": read_mask(storage.path(r["target_path"])),
-                    "final": read_mask(storage.path(rr["final_path"])), "final_iou": float(rr["final_iou"]),
+        # local_file / dataset_file: the files themselves, or cached copies of a remote root's objects
+        out[idx] = {"image": read_rgb(storage.local_file(r["image_path"])), "defect_type": str(r["defect_type"]),
+                    "target": read_mask(storage.local_file(r["target_path"])),
+                    "final": read_mask(storage.local_file(rr["final_path"])), "final_iou": float(rr["final_iou"]),
                     "final_area": float(rr["final_area"]),
-                    "normal": read_rgb(Path(str(r["normal_dataset_root"])) / str(r["normal_path"]))}
+                    "normal": read_rgb(dataset_file(r["normal_dataset_root"], str(r["normal_path"])))}
     return out
 
 
