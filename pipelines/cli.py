@@ -82,19 +82,21 @@ def cmd_list_methods(_args: argparse.Namespace) -> int:
 def _run(categories: Sequence[str], methods: Sequence[str] | None, extra_roots: Sequence[str] = ()) -> int:
     from ops.methods.registry import available_methods
     from pipelines.definitions import build_definitions
-    from pipelines.demo import run_lineage
+    from pipelines.demo import NOT_APPLICABLE, failures, run_lineage
     roots = list(usage.settings({}, "the environment (ANOMALY_FORGE_*)").dataset_roots) + list(extra_roots)
     defs = build_definitions(dataset_roots=list(dict.fromkeys(roots)))
     with _instance() as instance:
         steps = run_lineage(defs, instance, categories, list(methods or available_methods()),
                             tags={"anomaly_forge/trigger": "cli"})
-    failed = [s for s in steps if s.status != "ok"]
-    print(f"{len(steps) - len(failed)}/{len(steps)} steps ok")
+    failed = failures(steps)
+    na = sum(s.status == NOT_APPLICABLE for s in steps)
+    print(f"{len(steps) - len(failed) - na}/{len(steps)} steps ok" + (f", {na} n/a (see above)" if na else ""))
     return 1 if failed else 0
 
 
 def cmd_add_category(args: argparse.Namespace) -> int:
     from assets.ingest import find_categories
+    from ops.ingest.image_level import NAME as IMAGE_LEVEL
 
     usage.category_name(args.name)
     root = usage.folder(args.root, "--root")
@@ -115,11 +117,28 @@ def cmd_add_category(args: argparse.Namespace) -> int:
     roots = os.environ.get("ANOMALY_FORGE_DATASETS", "").split(os.pathsep)
     if str(Path(args.root).resolve()) not in [str(Path(r).resolve()) for r in roots if r]:
         print(f"note: add {Path(args.root).resolve()} to ANOMALY_FORGE_DATASETS so later ingest runs find it")
+    if found[args.name][1] == IMAGE_LEVEL:
+        methods = _mask_free(args.name, root, methods)
     if args.no_run:
         return 0
     if args.in_process:
         return _run([args.name], methods, extra_roots=[str(root)])
     return _submit_backfill(args.name, methods, str(root))
+
+
+def _mask_free(category: str, root: Path, methods: Sequence[str] | None) -> list[str]:
+    """Say in one line what runs on an image-level-only category; the methods that can (an error if none)."""
+    from ops.image_level import plan, summary_line
+    from resources.settings import ForgeSettings
+
+    asked = list(methods or ForgeSettings.from_env().active_methods())
+    types = sorted(p.name for p in (root / category / "test").iterdir() if p.is_dir() and p.name != "good")
+    print(summary_line(category, types, asked))
+    run, _ = plan(asked)
+    if not run:
+        raise usage.UsageError(f"--methods {','.join(asked)}: none of them runs on {category!r} (image-level labels "
+                               f"only, no masks); add a mask-free method such as perlin")
+    return run
 
 
 def _submit_backfill(category: str, methods: Sequence[str] | None, root: str) -> int:

@@ -14,6 +14,9 @@ counts, backbone source, selection result). ``config.json`` is written last and 
 config and the input files' hashes: a rerun with the same fingerprint reuses the detector instead of
 retraining (idempotent reruns), any change retrains.
 
+Image-level-only categories (``ops.image_level``): the held-out defects have no masks, so evaluation reports the
+image metrics only; the pixel columns are NaN and ``metric_note`` says why.
+
 Box-labelled methods (``weak_methods``, default AnoGen) train the segmenter with the weak loss at ``weak_tau``
 and, as extra rows (``ops.detection.mix``), at each τ of ``weak_ablation`` (``segmenter-tau1``: plain box
 supervision) and on the method's + Perlin anomalies (``segmenter-perlin``, ``mix_perlin``).
@@ -46,8 +49,9 @@ from ops.atomic import table_to_parquet_bytes
 from ops.detection import anomalib_models as am
 from ops.detection.backbones import OfflineBackbone, resolve_backbone
 from ops.detection.datamodule import SyntheticAnomalyDataModule, build_samples, check_no_test_leakage
-from ops.detection.evaluate import METRIC_COLUMNS, compute_metrics, predict_rows
+from ops.detection.evaluate import IMAGE_METRICS, METRIC_COLUMNS, PIXEL_METRICS, compute_metrics, predict_rows
 from ops.detection.mix import MIX_SOURCE, MIX_SUFFIX, base_detector, mixed_synthetic, tau_variant
+from ops.image_level import PIXEL_NOTE, is_image_level
 from ops.locks import exclusive
 from ops.manifest import dumps, empty_frame, to_table
 from ops.methods.base import MethodConfig, Progress, no_progress
@@ -77,6 +81,7 @@ EVALUATION_SCHEMA = pa.schema([
     ("aupro_fpr_limit", pa.float64()), ("metric_resolution", pa.string()), ("backbone_source", pa.string()),
     ("val_score", pa.float64()), ("train_seconds", pa.float64()), ("eval_seconds", pa.float64()),
     ("checkpoint_path", pa.string()),
+    ("metric_note", pa.string()),  # why metrics the test set would define are missing ("" when none is)
 ])
 
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -440,6 +445,9 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
         with loaded_detector(storage, det) as model:
             preds = predict_rows(model, test, batch_size=cfg.eval_batch_size)
         metrics = compute_metrics(preds.scores, preds.labels, preds.maps, preds.masks, fpr_limit=cfg.aupro_fpr_limit)
+        image_level = is_image_level(split[split["role"] == "holdout"])
+        if image_level:  # all-zero stand-in masks of defective images must never become pixel scores
+            metrics.update(dict.fromkeys(PIXEL_METRICS, float("nan")))
         rows.append({"category": det.category, "method": det.method, "detector": det.detector,
                      "row_label": row_label(det.method, det.detector), "is_baseline": det.method in BASELINES,
                      "trained_on": det.trained_on, "weak_tau": det.weak_tau,
@@ -448,7 +456,7 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
                      "metric_resolution": "x".join(map(str, preds.maps.shape[1:])),
                      "backbone_source": det.backbone_source, "val_score": det.val_score,
                      "train_seconds": det.seconds, "eval_seconds": time.perf_counter() - start,
-                     "checkpoint_path": det.checkpoint_path})
+                     "checkpoint_path": det.checkpoint_path, "metric_note": PIXEL_NOTE if image_level else ""})
     progress("evaluate detectors", len(detector_df), len(detector_df))
     if not rows:
         return empty_frame(EVALUATION_SCHEMA)
@@ -482,7 +490,8 @@ def check_evaluation(evaluation_df: pd.DataFrame) -> list[str]:
     problems = []
     for row in evaluation_df.itertuples(index=False):
         name = f"{row.category}/{row.method}/{row.detector}"
-        needed = list(METRIC_COLUMNS) if row.n_test_defective and row.n_test_good else []
+        needed = list(IMAGE_METRICS if row.metric_note == PIXEL_NOTE else METRIC_COLUMNS) \
+            if row.n_test_defective and row.n_test_good else []
         for m in needed:
             value = getattr(row, m)
             if not (value == value and 0.0 <= value <= 1.0):
