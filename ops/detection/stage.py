@@ -12,7 +12,9 @@ anomalib checkpoint), ``weights/torch/model.pt`` (anomalib's torch export), ``sa
 val / test row with its role, for lineage and the leakage check) and ``config.json`` (the training config, data
 counts, backbone source, selection result). ``config.json`` is written last and carries a fingerprint of the
 config and the input files' hashes: a rerun with the same fingerprint reuses the detector instead of
-retraining (idempotent reruns), any change retrains.
+retraining (idempotent reruns), any change retrains. An unfinished training (kill -9 included) leaves
+``resume/<fingerprint>/last.ckpt`` (epoch end); a rerun with that fingerprint continues from it and ends with
+the files of an uninterrupted run; the folder is removed when the detector is complete.
 
 Image-level-only categories (``ops.image_level``): the held-out defects have no masks, so evaluation reports the
 image metrics only; the pixel columns are NaN and ``metric_note`` says why.
@@ -59,6 +61,7 @@ from ops.methods.registry import BASELINES
 from ops.storage import Storage, check_name, sha256_bytes, sha256_file
 
 REFERENCE_METHOD = "none"
+RESUME_DIR = "resume"  # <detector dir>/resume/<fingerprint>/last.ckpt while a training is unfinished
 
 DETECTOR_SCHEMA = pa.schema([
     ("category", pa.string()), ("method", pa.string()), ("partition_method", pa.string()),
@@ -259,7 +262,7 @@ def read_samples(storage: Storage, rel: str) -> pd.DataFrame:
 
 def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConfig, weak_tau: float | None,
          backbone: OfflineBackbone | None, workdir: Path, desc: str, progress: Progress,
-         weak_paths: set[str] | None = None) -> tuple[am.FitResult, Path]:
+         weak_paths: set[str] | None = None, resume_dir: Path | None = None) -> tuple[am.FitResult, Path]:
     """Build, train and select one detector in ``workdir``; returns the fit result and the torch export."""
     from lightning.pytorch import seed_everything
 
@@ -277,11 +280,17 @@ def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConf
             model.weak_paths = weak_paths
         result = am.fit(model, dm, workdir, cfg.steps_for(detector), val_every=cfg.val_every,
                         select=detector not in am.ONE_CLASS, progress=progress, desc=desc,
-                        enable_progress_bar=cfg.enable_progress_bar, accelerator=cfg.accelerator)
-        load_weights(model, result.checkpoint)
-        if isinstance(model, am.SyntheticDraem):
-            model.recon_paths, model._recon_cache = {}, {}
-        return result, model.cpu().to_torch(export_root=workdir)
+                        enable_progress_bar=cfg.enable_progress_bar, accelerator=cfg.accelerator, seed=cfg.seed,
+                        resume_dir=resume_dir)
+        # exported from a fresh module: one restored by a resumed training pickles differently (its transforms
+        # rebuilt from the checkpoint), and the export must not depend on whether training was interrupted
+        seed_everything(cfg.seed, workers=True, verbose=False)
+        export = am.build_model(detector, cfg.options_for(detector), cfg.image_size, backbone=backbone,
+                                dtd_dir=dtd_dir, weak_tau=weak_tau)
+        if weak_paths is not None:
+            export.weak_paths = weak_paths
+        load_weights(export, result.checkpoint)
+        return result, export.cpu().to_torch(export_root=workdir)
 
 
 def _train_one(storage: Storage, category: str, method: str, detector: str, samples: pd.DataFrame,
@@ -297,8 +306,11 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
         done = _read_json(storage, f"{rel}/config.json")
         if done and done.get("fingerprint") == fingerprint and storage.path(done["checkpoint_path"]).exists():
             return {**done["row"], "seconds": 0.0, "partition_method": partition_method, "reused": True}
+        resume_root = workdir / RESUME_DIR
+        for other in (p for p in resume_root.glob("*") if p.name != fingerprint):
+            shutil.rmtree(other, ignore_errors=True)  # an interrupted training of other inputs: never resumed
         result, export = _fit(detector, category, samples, cfg, weak_tau, backbone, workdir,
-                              f"{category}/{method}/{variant}", progress, weak_paths)
+                              f"{category}/{method}/{variant}", progress, weak_paths, resume_root / fingerprint)
         paths = {"checkpoint_path": f"{rel}/checkpoints/best.ckpt", "export_path": f"{rel}/weights/torch/model.pt",
                  "samples_path": f"{rel}/samples.parquet", "config_path": f"{rel}/config.json"}
         if not storage.is_local:
@@ -327,6 +339,7 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
         storage.write_bytes(paths["config_path"], json.dumps({"fingerprint": fingerprint, "checkpoint_path":
                                                              paths["checkpoint_path"], "config": config, "row": row},
                                                             indent=2, sort_keys=True, default=str).encode())
+        shutil.rmtree(resume_root, ignore_errors=True)  # complete: the folder equals an uninterrupted run's
     return {**row, "seconds": result.seconds, "partition_method": partition_method, "reused": False}
 
 
