@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # 9 training rows at batch 4: 3 steps an epoch, 4 epochs; the kill comes once the state after epoch 1 is saved
 CFG = {"detectors": ["segmenter"], "steps": {"segmenter": 12}, "val_every": 4, "image_size": 64, "batch_size": 4}
 KILL_AFTER_EPOCH = 1
+NEVER = 99  # no such epoch: the child runs to the end
 
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
@@ -82,7 +83,7 @@ def test_detector_training_resumes_after_kill_9_and_ends_equal_to_an_uninterrupt
     folder = Path(killed.path("detectors/widget/perlin/segmenter"))
     assert len(list((folder / "resume").glob("*/last.ckpt"))) == 1 and not (folder / "config.json").exists()
 
-    rerun, uninterrupted = _train(tmp_path, killed, -1), _train(tmp_path, clean, -1)
+    rerun, uninterrupted = _train(tmp_path, killed, NEVER), _train(tmp_path, clean, NEVER)
     assert rerun.returncode == 0 and uninterrupted.returncode == 0, (rerun.stderr + uninterrupted.stderr)[-3000:]
     assert json.loads(rerun.stdout.strip().splitlines()[-1]) == [2, 3]  # continued, did not start over
     assert json.loads(uninterrupted.stdout.strip().splitlines()[-1]) == [0, 1, 2, 3]
