@@ -70,7 +70,7 @@ def detector_evaluation(context: dg.AssetExecutionContext, few_shot_splits: pd.D
                         anomaly_detectors: pd.DataFrame, settings: ForgeSettings,
                         storage: StorageResource) -> dg.Output[pd.DataFrame]:
     """Image / pixel AUROC, AP, F1-max and AUPRO of each detector on the held-out real defects + test/good."""
-    from ops.detection.report import metrics_plot, summary_table
+    from ops.detection.report import metrics_plot, ordered_rows, summary_table
     from ops.detection.stage import evaluate_detectors
     from ops.detection.summary import undefined_note
 
@@ -80,7 +80,9 @@ def detector_evaluation(context: dg.AssetExecutionContext, few_shot_splits: pd.D
                             progress=log_progress(context))
     png = metrics_plot(df, f"{category} / {method}")
     table = summary_table(df).drop(columns=["category"])
-    table["note"] = [undefined_note(g, d) for g, d in zip(table["n_test_good"], table["n_test_defective"])]
+    table["note"] = ["; ".join(n for n in (undefined_note(g, d), m) if n)
+                     for g, d, m in zip(table["n_test_good"], table["n_test_defective"],
+                                        ordered_rows(df)["metric_note"])]
     return dg.Output(df, metadata={
         "rows": len(df), "n_test_defective": int(df["n_test_defective"].max()) if len(df) else 0,
         "n_test_good": int(df["n_test_good"].max()) if len(df) else 0,

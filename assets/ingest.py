@@ -8,6 +8,9 @@ Choices:
   ``manifests/raw_defect_notes/<category>.parquet`` (not assets: nothing downstream reads them; the check and the
   UI do), and union masks of multi-mask layouts go to
   ``cache/ingest/<category>`` under the storage root, because dataset roots may be read-only.
+- A category with image-level labels only (no masks) gets no support set; ``few_shot_splits`` then says in one line
+  (metadata ``image_level``) what runs and lists each skipped method and metric group with its reason
+  (``skipped``; ``ops.image_level``).
 - Both checks are blocking: a category with too many unusable files, or a split that leaks held-out images into
   the support set, must not reach adapter training. The reject fraction counts rejected files over all files seen.
 - ``raw_defect_sets`` returns a content data version (``content_version``): Dagster marks the category's lineage
@@ -133,16 +136,22 @@ def content_version(rows: pd.DataFrame) -> str:
 @dg.asset(partitions_def=category_partitions, group_name="ingest", kinds={"python", "parquet"})
 def few_shot_splits(raw_defect_sets: pd.DataFrame, settings: ForgeSettings) -> dg.Output[pd.DataFrame]:
     """Support / holdout / train_good / test_good roles under the configured protocol (DESIGN §4)."""
+    from ops.image_level import is_image_level, skipped_table, summary_line
     from ops.splits import make_split
 
     split = make_split(raw_defect_sets, protocol=settings.split_protocol, k=settings.k_shot, seed=settings.seed)
     roles = _counts(split, ["defect_type", "role"]).pivot(index="defect_type", columns="role", values="images")
     roles = roles.fillna(0).astype(int).reset_index()
-    return dg.Output(split, metadata={
+    meta: dict[str, Any] = {
         "protocol": settings.split_protocol, "seed": settings.seed,
         "support": int((split["role"] == "support").sum()), "holdout": int((split["role"] == "holdout").sum()),
         "roles": table_metadata(roles),
-    })
+    }
+    if is_image_level(split):  # what runs without masks, and a reason for each thing that does not
+        types = sorted(set(split["defect_type"]) - {"good"})
+        meta["image_level"] = summary_line(str(split["category"].iloc[0]), types, settings.active_methods())
+        meta["skipped"] = table_metadata(skipped_table(settings.active_methods()))
+    return dg.Output(split, metadata=meta)
 
 
 @dg.asset_check(asset=raw_defect_sets, partitions_def=category_partitions, blocking=True)

@@ -1,14 +1,16 @@
-"""Benchmark: peak resident memory of the streaming stages as ``n_per_partition`` grows 1x, 10x, 100x.
+"""Benchmark: peak resident memory of generation + metrics as ``n_per_partition`` grows 1x, 10x, 100x.
 
     python bench/bench_memory.py [--n 4] [--scales 1,10,100] [--method cutpaste] [--size 64] [--chunk 32]
 
 Each point runs in a fresh subprocess (peak RSS is a high-water mark: it never goes down inside one process):
 the demo dataset's "brick" category at ``--size`` px, its default split, then ``fit_adapter`` +
 ``synthesize_partition`` (the generation stage, chunked: ``--chunk`` jobs in memory at a time) and
-``refine_partition`` (refined masks, one image at a time) for ``n = --n x scale`` images of ``--method``. The
-child reports ``ru_maxrss`` after the imports (the floor: torch, pandas, PIL) and after the stages; the table
-gives both and each point's stage growth (peak - floor) as a ratio to the 1x point's, measured in this run on
-this machine. Flat memory means ratios near 1 while n grows 100x. Writes bench/out/bench_memory.json
+``refine_partition`` (refined masks, one image at a time) and ``quality_partition`` (the generation-quality
+metrics on the offline EfficientNet-Lite0 backbone, loaded before the floor is taken) for
+``n = --n x scale`` images of ``--method``. The child reports ``ru_maxrss`` after the imports and model loads
+(the floor: torch, pandas, PIL, the metric networks), after generation and after the metrics; the table gives
+them and each point's growth (peak - floor) as a ratio to the 1x point's, measured in this run on this machine.
+Flat memory means ratios near 1 while n grows 100x. Writes bench/out/bench_memory.json
 (gitignored). Defaults are small (4 -> 400 images of 64 px) so that it runs in a few minutes on 2 shared cores.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +36,13 @@ from ops.demo_data import build_demo_dataset
 from ops.generation import fit_adapter, synthesize_partition
 from ops.ingest import ingest_category
 from ops.masks.refine import refine_partition
+from ops.metrics.quality import QualityConfig, load_backbones, quality_partition
 from ops.splits import make_split
 from ops.storage import Storage
+
+def split_image(split):
+    from ops.samples import load_sample
+    return load_sample(split.iloc[0].to_dict()).image
 
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -42,14 +50,19 @@ def rss_mb():
 tmp, n, method, size, chunk = {tmp!r}, {n}, {method!r}, {size}, {chunk}
 root = build_demo_dataset(os.path.join(tmp, "data"), categories=["brick"], size=size)
 split = make_split(ingest_category(root, "brick").rows)
+qcfg = QualityConfig()
+nets = load_backbones(None, qcfg)
+nets.lite0.pooled_and_logits([split_image(split)])  # networks built and run once: part of the floor
 floor = rss_mb()
 storage = Storage(os.path.join(tmp, "storage"))
 adapters = fit_adapter(storage, "brick", method, split, None, None)
 synth = synthesize_partition(storage, "brick", method, split, adapters, None, n, 0, None, chunk_size=chunk)
 after_generation = rss_mb()
 refined = refine_partition(storage, synth, None)
-print(json.dumps({{"n": n, "floor_mb": floor, "generation_mb": after_generation, "peak_mb": rss_mb(),
-                  "rows": len(synth), "refined": len(refined)}}))
+after_refine = rss_mb()
+quality = quality_partition(storage, split, synth, refined, nets, qcfg)
+print(json.dumps({{"n": n, "floor_mb": floor, "generation_mb": after_generation, "refine_mb": after_refine,
+                  "peak_mb": rss_mb(), "rows": len(synth), "refined": len(refined), "quality_rows": len(quality)}}))
 """
 
 
@@ -78,15 +91,18 @@ def main() -> None:
 
     points = []
     for scale in [int(s) for s in args.scales.split(",")]:
+        t0 = time.monotonic()
         p = run_point(args.n * scale, args.method, args.size, args.chunk)
+        p["seconds"] = time.monotonic() - t0
         p.update(scale=scale, growth_mb=p["peak_mb"] - p["floor_mb"])
         points.append(p)
-        print(f"x{scale:<4} n={p['n']:<6} floor {p['floor_mb']:7.1f} MB  peak {p['peak_mb']:7.1f} MB  "
-              f"growth {p['growth_mb']:6.1f} MB", flush=True)
+        print(f"x{scale:<4} n={p['n']:<6} floor {p['floor_mb']:7.1f} MB  generation {p['generation_mb']:7.1f} MB  "
+              f"peak {p['peak_mb']:7.1f} MB  growth {p['growth_mb']:6.1f} MB  ({p['seconds']:.0f} s)", flush=True)
     base = max(points[0]["growth_mb"], 1.0)  # growth below 1 MB is noise: do not divide by it
     for p in points:
         p["growth_ratio"] = p["growth_mb"] / base
-    df = pd.DataFrame(points)[["scale", "n", "floor_mb", "generation_mb", "peak_mb", "growth_mb", "growth_ratio"]]
+    df = pd.DataFrame(points)[["scale", "n", "floor_mb", "generation_mb", "refine_mb", "peak_mb", "growth_mb",
+                               "growth_ratio", "seconds"]]
     print(markdown_table(df.round(2)))
     result = {"method": args.method, "size": args.size, "chunk": args.chunk, "machine": platform.platform(),
               "python": platform.python_version(), "points": points,

@@ -27,6 +27,8 @@ Choices the contracts leave open:
   sweep at the end.
 - Adapter fitting holds the lock of ``adapters/<category>/<method>`` (``ops.locks``): two runs of one partition
   never train the same adapter at once; the second resumes from (and so reuses) the first's final checkpoint.
+- Image-level-only categories (no real masks, ``ops.image_level``): only methods with ``needs_masks = False``
+  run (others are refused with the reason), on box targets, without a support set, under defect type "anomaly".
 - The method's own mask is the row's mask; an empty one is an error, not a silent row without a defect.
 """
 from __future__ import annotations
@@ -45,11 +47,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from ops.image_level import MASK_FREE_TYPE, is_image_level, plan, skip_reason
 from ops.locks import storage_lock
 from ops.manifest import dumps, to_table
 from ops.masks.targets import foreground_mask, sample_target_mask
 from ops.methods.base import Progress, check_results
-from ops.methods.registry import get_method
+from ops.methods.registry import available_methods, get_method
 from ops.progress import progress_bar
 from ops.samples import encode_png, load_sample
 from ops.storage import Storage, check_name, sha256_bytes
@@ -81,7 +84,8 @@ def fit_adapter(storage: Storage, category: str, method_name: str, split_df: pd.
     check_name(category, "category")
     method = get_method(method_name)
     config = method.config(cfg, getattr(backbone, "model_id", None))
-    support_rows = _support_rows(split_df, category)
+    mask_free = _mask_free(split_df, category, method_name)
+    support_rows = _rows(split_df, category, "support") if mask_free else _support_rows(split_df, category)
     support = [load_sample(row) for row in support_rows.to_dict("records")]
     rel = f"adapters/{category}/{method_name}"
     start = time.perf_counter()
@@ -128,16 +132,18 @@ class JobPlanner:
     """Plans job i of a (category, method, seed) independently of every other job (module doc)."""
 
     def __init__(self, split_df: pd.DataFrame, category: str, method: str, seed: int, target_mode: str = "affine",
-                 needs_reference: bool = True, target_options: dict | None = None, cache_size: int = 64):
+                 needs_reference: bool = True, target_options: dict | None = None, cache_size: int = 64,
+                 mask_free: bool = False):
         self.category, self.method, self.seed = category, method, seed
-        self.target_mode, self.needs_reference = target_mode, needs_reference
+        self.target_mode, self.needs_reference = ("box", False) if mask_free else (target_mode, needs_reference)
+        self.mask_free = mask_free
         self.target_options = dict(target_options or {})
         self.texture = bool(self.target_options.pop("texture", False))
-        support = _support_rows(split_df, category)
+        support = _rows(split_df, category, "support") if mask_free else _support_rows(split_df, category)
         self.support = {row["image_id"]: load_sample(row) for row in support.to_dict("records")}
         self.support_ids = tuple(sorted(self.support))
         self.by_type = {t: sorted(g["image_id"]) for t, g in support.groupby("defect_type")}
-        self.types = sorted(self.by_type)
+        self.types = [MASK_FREE_TYPE] if mask_free else sorted(self.by_type)
         for t in self.types:
             check_name(t, "defect type")
         normals = _rows(split_df, category, "train_good")
@@ -166,18 +172,21 @@ class JobPlanner:
         defect_type = self.types[index % len(self.types)]
         normal_row = self.normals[int(rng.integers(len(self.normals)))]
         normal, fg = self._normal(normal_row)
-        candidates = self.by_type[defect_type]
-        ref = self.support[candidates[int(rng.integers(len(candidates)))]]
+        ref = None
+        if not self.mask_free:
+            candidates = self.by_type[defect_type]
+            ref = self.support[candidates[int(rng.integers(len(candidates)))]]
         try:
-            target = sample_target_mask(ref.mask, normal.image, rng, self.target_mode, foreground=fg,
-                                        **self.target_options)
+            target = sample_target_mask(ref.mask if ref is not None else None, normal.image, rng, self.target_mode,
+                                        foreground=fg, **self.target_options)
         except ValueError as e:
+            source = ref.source if ref is not None else "(none: image-level labels)"
             raise ValueError(f"{self.category}/{self.method} job {index}: target mask from support image "
-                             f"{ref.source} onto normal image {normal.source}: {e}") from e
+                             f"{source} onto normal image {normal.source}: {e}") from e
         job = SynthesisJob(index=index, seed=seed, category=self.category, defect_type=defect_type, normal=normal,
                            target_mask=target.mask, reference=ref if self.needs_reference else None,
                            support_ids=self.support_ids)
-        params = dict(target.params, source_id=ref.image_id)
+        params = dict(target.params, source_id=ref.image_id if ref is not None else None)
         return PlannedJob(job, params, normal_row)
 
 
@@ -202,7 +211,10 @@ def synthesize_partition(storage: Storage, category: str, method_name: str, spli
     # a method defined on its own kind of target (AnoGen: boxes) overrides the pipeline's mode; caller options win
     target_mode = method.target_mode or target_mode
     target_options = {**method.target_options(config, category), **(target_options or {})}
-    planner = JobPlanner(split_df, category, method_name, seed, target_mode, method.needs_reference, target_options)
+    mask_free = _mask_free(split_df, category, method_name)
+    target_mode = "box" if mask_free else target_mode
+    planner = JobPlanner(split_df, category, method_name, seed, target_mode, method.needs_reference, target_options,
+                         mask_free=mask_free)
     adapter = _adapter(storage, adapter_df, category, method_name, planner.support_ids)
     base = f"{SYNTHETIC_DIR}/{category}/{method_name}"
     fingerprint = _fingerprint(category, method_name, seed, config_json, target_mode, target_options, adapter,
@@ -353,6 +365,17 @@ def _adapter(storage: Storage, adapter_df: pd.DataFrame | None, category: str, m
     # methods read adapter files with local-file APIs (safetensors, diffusers): a cached mirror on remote roots
     return Adapter(method=method, category=category, path=storage.local_tree(path) if isinstance(path, str) else None,
                    meta=json.loads(row["meta_json"]))
+
+
+def _mask_free(split_df: pd.DataFrame, category: str, method: str) -> bool:
+    """True on an image-level-only category (``ops.image_level``); a method that needs masks is refused there."""
+    if not is_image_level(_rows(split_df, category, "holdout"), category):
+        return False
+    reason = skip_reason(method)
+    if reason is not None:
+        raise ValueError(f"category {category!r} has image-level labels only (no ground_truth/ masks): {reason}; "
+                         f"run a mask-free method there ({', '.join(plan(available_methods())[0]) or 'none'})")
+    return True
 
 
 def _rows(split_df: pd.DataFrame, category: str, role: str) -> pd.DataFrame:

@@ -11,6 +11,8 @@ Protocols, with the choices made where the papers are vague:
   with n = 2 gets 1 support image instead of 0 (so that every type with a held-out image can be
   generated); a type with n = 1 is an error, since it cannot give both a support and a held-out image.
   ``seed`` has no effect and is recorded only.
+- Image-level-only categories (layout ``mvtec-image-level``, no masks) get no support set under either protocol:
+  every defect image is held out (``ops.image_level``).
 - ``k_shot``: k support images per type drawn without replacement by ``numpy.random.default_rng`` seeded
   with (seed, crc32("<category>/<defect type>")), so one type's draw does not change when another type is
   added or removed. Every type needs at least k + 1 images. ``protocol`` records "k_shot"; k is the number
@@ -24,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from ops.image_level import is_image_level
 from ops.ingest import RAW_SCHEMA
 
 PROTOCOLS = ("anomalydiffusion", "k_shot")
@@ -51,6 +54,8 @@ def make_split(raw_df: pd.DataFrame, protocol: str = "anomalydiffusion", k: int 
     role = pd.Series(np.where(df["split"] == "train", "train_good", "test_good"), index=df.index, dtype=object)
     role[~good] = "holdout"
     for (category, defect_type), group in df[~good].groupby(["category", "defect_type"], sort=True):
+        if is_image_level(group):
+            continue  # nothing can learn from a defect without its region: all held out
         names = group["image_path"].map(lambda p: p.rsplit("/", 1)[-1])
         ordered = group.assign(_name=names).sort_values(["_name", "image_id"], kind="stable").index
         role[_support(ordered, protocol, k, seed, category, defect_type)] = "support"

@@ -82,19 +82,21 @@ def cmd_list_methods(_args: argparse.Namespace) -> int:
 def _run(categories: Sequence[str], methods: Sequence[str] | None, extra_roots: Sequence[str] = ()) -> int:
     from ops.methods.registry import available_methods
     from pipelines.definitions import build_definitions
-    from pipelines.demo import run_lineage
+    from pipelines.demo import NOT_APPLICABLE, failures, run_lineage
     roots = list(usage.settings({}, "the environment (ANOMALY_FORGE_*)").dataset_roots) + list(extra_roots)
     defs = build_definitions(dataset_roots=list(dict.fromkeys(roots)))
     with _instance() as instance:
         steps = run_lineage(defs, instance, categories, list(methods or available_methods()),
                             tags={"anomaly_forge/trigger": "cli"})
-    failed = [s for s in steps if s.status != "ok"]
-    print(f"{len(steps) - len(failed)}/{len(steps)} steps ok")
+    failed = failures(steps)
+    na = sum(s.status == NOT_APPLICABLE for s in steps)
+    print(f"{len(steps) - len(failed) - na}/{len(steps)} steps ok" + (f", {na} n/a (see above)" if na else ""))
     return 1 if failed else 0
 
 
 def cmd_add_category(args: argparse.Namespace) -> int:
     from assets.ingest import find_categories
+    from ops.ingest.image_level import NAME as IMAGE_LEVEL
 
     usage.category_name(args.name)
     root = usage.folder(args.root, "--root")
@@ -117,6 +119,8 @@ def cmd_add_category(args: argparse.Namespace) -> int:
     roots = split_roots(os.environ.get("ANOMALY_FORGE_DATASETS", ""))
     if _canonical(str(root)) not in [_canonical(r) for r in roots]:
         print(f"note: add {root} to ANOMALY_FORGE_DATASETS so later ingest runs find it")
+    if found[args.name][1] == IMAGE_LEVEL:
+        methods = _mask_free(args.name, root, methods)
     if args.no_run:
         return 0
     if args.in_process:
@@ -128,6 +132,24 @@ def _canonical(root: str) -> str:
     from ops.cache import is_remote
 
     return root.rstrip("/") if is_remote(root) else str(Path(root).resolve())
+
+
+def _mask_free(category: str, root: Path, methods: Sequence[str] | None) -> list[str]:
+    """Say in one line what runs on an image-level-only category; the methods that can (an error if none)."""
+    from ops.image_level import plan, summary_line
+    from resources.settings import ForgeSettings
+
+    asked = list(methods or ForgeSettings.from_env().active_methods())
+    from ops.cache import is_remote
+
+    test = None if is_remote(str(root)) else Path(root) / category / "test"  # remote: the line names no types
+    types = sorted(p.name for p in test.iterdir() if p.is_dir() and p.name != "good") if test else []
+    print(summary_line(category, types, asked))
+    run, _ = plan(asked)
+    if not run:
+        raise usage.UsageError(f"--methods {','.join(asked)}: none of them runs on {category!r} (image-level labels "
+                               f"only, no masks); add a mask-free method such as perlin")
+    return run
 
 
 def _submit_backfill(category: str, methods: Sequence[str] | None, root: str) -> int:

@@ -11,6 +11,9 @@ Choices:
   ``DAGSTER_HOME=DIR/dagster_home ANOMALY_FORGE_HOME=DIR dagster dev -w workspace.yaml`` shows every run,
   materialization and check afterwards, and can re-run any of them with the same storage.
 - Every stage of the definitions is run, whatever assets exist: later issues extend the lineage, not this file.
+- A category x method step that cannot apply to its data (a method that needs masks on a category with image-level
+  labels only, ``ops.image_level``) is recorded as ``n/a`` with the reason, after one line saying what runs there;
+  it is not a failure.
 - A failed step does not stop the demo: the partitions downstream of it are skipped (they could only fail on a
   missing input), the rest runs, and the exit status is non-zero.
 - Dagster's console log is set to INFO: the engine's DEBUG events are hidden, the stages' progress lines show.
@@ -33,6 +36,7 @@ from ops.demo_data import DEMO_N
 from pipelines.jobs import lineage_stages
 
 DEMO_DATA = "demo_data"  # the demo dataset's folder under a remote storage root
+NOT_APPLICABLE = "n/a"
 BASELINE_NOTE = "Baselines (cutpaste, perlin) do not use the backbone."
 
 
@@ -61,7 +65,7 @@ DETECTION_KEYS = ("image_auroc", "pixel_auroc", "aupro")
 class StepResult:
     job: str
     partition: str | None
-    status: str  # ok | failed | skipped
+    status: str  # ok | failed | skipped (upstream failed) | n/a (cannot run on this data: error says why)
     seconds: float = 0.0
     run_id: str = ""
     error: str = ""
@@ -118,11 +122,17 @@ def run_lineage(defs: dg.Definitions, instance: dg.DagsterInstance, categories: 
     failed: set[str] = set()  # categories and "category|method" keys whose downstream must be skipped
     results: list[StepResult] = []
     start = time.monotonic() if start is None else start
+    cannot: dict[str, dict[str, str]] = {}  # category -> method -> why it cannot run there (image-level labels)
     for stage in stages:
         job = defs.resolve_job_def(stage.job_name)
         for key in stage.partition_keys(categories, methods):
             blocked = key is not None and (key in failed or key.split("|")[0] in failed)
-            if blocked:
+            category, _, method = (key or "").partition("|")
+            if method and category not in cannot:
+                cannot[category] = _mask_free_plan(defs, category, methods, echo)
+            if not blocked and method in cannot.get(category, {}):
+                step = StepResult(stage.job_name, key, NOT_APPLICABLE, error=cannot[category][method])
+            elif blocked:
                 step = StepResult(stage.job_name, key, "skipped", error="an upstream step failed")
             else:
                 t0 = time.monotonic()
@@ -135,7 +145,7 @@ def run_lineage(defs: dg.Definitions, instance: dg.DagsterInstance, categories: 
                 except Exception:  # a run that cannot even start (bad config, bad key) is one failed step too
                     step = StepResult(stage.job_name, key, "failed", time.monotonic() - t0,
                                       error=traceback.format_exc().strip().splitlines()[-1])
-            if step.status != "ok" and key is not None:
+            if step.status in ("failed", "skipped") and key is not None:
                 failed.add(key)
             results.append(step)
             note = f"  {step.error}" if step.error else ""
@@ -144,6 +154,24 @@ def run_lineage(defs: dg.Definitions, instance: dg.DagsterInstance, categories: 
             echo(f"[{time.monotonic() - start:7.1f}s] {stage.job_name:<15} {key or '(all partitions)':<28} "
                  f"{step.status:<7} {step.seconds:6.1f}s{note}")
     return results
+
+
+def _mask_free_plan(defs: dg.Definitions, category: str, methods: Sequence[str],
+                    echo: Callable[[str], None]) -> dict[str, str]:
+    """method -> why it cannot run on ``category`` (its split has image-level labels only), after one line
+    saying what runs; {} for an ordinary category or one whose split is not there (its steps then fail)."""
+    from ops.image_level import is_image_level, plan, summary_line
+
+    split = _manifest(defs.resources["storage"].get(), "few_shot_splits", category)
+    if split is None or not is_image_level(split):
+        return {}
+    echo(summary_line(category, sorted(set(split["defect_type"]) - {"good"}), methods))
+    return plan(methods)[1]
+
+
+def failures(steps: Sequence[StepResult]) -> list[StepResult]:
+    """Steps that failed or could not run because of a failure (not those that cannot apply to the data)."""
+    return [s for s in steps if s.status not in ("ok", NOT_APPLICABLE)]
 
 
 def _manifest(storage: Any, asset: str, key: str | None) -> pd.DataFrame | None:
@@ -200,10 +228,12 @@ def report_markdown(out: Path, steps: Sequence[StepResult], summary: pd.DataFram
     step_df = pd.DataFrame([{"job": s.job, "partition": s.partition or "(all)", "status": s.status,
                              "seconds": round(s.seconds, 1), "note": s.error or ", ".join(s.failed_checks)}
                             for s in steps])
-    failed = sum(s.status != "ok" for s in steps)
+    failed = len(failures(steps))
+    na = sum(s.status == NOT_APPLICABLE for s in steps)
     lines = [
         "# AnomalyForge demo report", "",
-        f"**{len(steps) - failed} of {len(steps)} steps succeeded.** Settings: "
+        f"**{len(steps) - failed - na} of {len(steps)} steps succeeded"
+        + (f", {na} not applicable to their data (see Steps)" if na else "") + ".** Settings: "
         + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
         f"> {disclaimer(str(settings.get('backbone', '')))}", "",
         "## Summary (category x method)", "", markdown_table(summary, max_rows=500), "",
@@ -291,11 +321,12 @@ def run_demo(out: str | Path = "demo_out", methods: Sequence[str] | None = None,
              "seed": seed, "backbone": defs.resources["backbone"].model, **(settings or {})}
     write_bytes_atomic(out / "report.md", report_markdown(out, steps, summary, shown, detection_report,
                                                             ranking).encode())
-    failed = [s for s in steps if s.status != "ok"]
+    failed = failures(steps)
     echo("")
     echo(markdown_table(summary, max_rows=500))
     echo("")
-    echo(f"{len(steps) - len(failed)}/{len(steps)} steps ok in {time.monotonic() - t0:.1f}s; "
+    na = sum(s.status == NOT_APPLICABLE for s in steps)
+    echo(f"{len(steps) - len(failed) - na}/{len(steps)} steps ok{f', {na} n/a' if na else ''} in {time.monotonic() - t0:.1f}s; "
          f"report: {out / 'report.md'}")
     echo(f"Note: {disclaimer(shown['backbone'])}")
     remote = f"ANOMALY_FORGE_STORAGE={storage_root} " if is_remote(storage_root) else ""

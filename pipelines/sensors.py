@@ -101,7 +101,9 @@ def _backfill_status(instance: dg.DagsterInstance, category: str) -> str | None:
 
 def evaluate(context: dg.SensorEvaluationContext, settings: ForgeSettings) -> dg.SensorResult:
     from assets.ingest import find_categories  # here: importing asset modules is pipelines.definitions' job
-    from ops.cache import join
+    from ops.cache import is_remote, join
+    from ops.image_level import plan, summary_line
+    from ops.ingest.image_level import NAME as IMAGE_LEVEL
 
     state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
     known: dict[str, dict[str, Any]] = state.get("categories", {})
@@ -113,7 +115,7 @@ def evaluate(context: dg.SensorEvaluationContext, settings: ForgeSettings) -> dg
     methods = settings.active_methods()
     asset_graph = context.repository_def.asset_graph
     requests, new, waiting = [], [], []
-    for category, (root, _layout) in sorted(found.items()):
+    for category, (root, layout) in sorted(found.items()):
         folder = join(root, category)
         listing, n_files = listing_hash(folder)
         entry = known.get(category)
@@ -139,9 +141,15 @@ def evaluate(context: dg.SensorEvaluationContext, settings: ForgeSettings) -> dg
         if category not in existing:
             new.append(category)
         trigger = "new category" if entry["backfilled"] is None else "changed folder"
+        runnable = methods
+        if layout == IMAGE_LEVEL:  # only what needs no mask; the line says what is skipped and why
+            runnable = plan(methods)[0]
+            test = None if is_remote(folder) else Path(folder) / "test"  # remote: the line names no types
+            types = sorted(p.name for p in test.iterdir() if p.is_dir() and p.name != "good") if test else []
+            context.log.info(summary_line(category, types, methods))
         context.log.info(f"{category}: {trigger} ({n_files} files, listing {listing}): one backfill of its "
-                         f"lineage for methods {methods}")
-        requests.append(backfill_request(asset_graph, category, methods, SENSOR, listing))
+                         f"lineage for methods {runnable}")
+        requests.append(backfill_request(asset_graph, category, runnable, SENSOR, listing))
         entry["backfilled"] = listing
     statuses = [line for c in sorted(known) if c in existing and (line := _backfill_status(context.instance, c))]
     for line in statuses:

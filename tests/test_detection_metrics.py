@@ -91,7 +91,7 @@ def _row(category, method, detector, label, baseline, ckpt, auroc):
     return {"category": category, "method": method, "detector": detector, "row_label": label,
             "is_baseline": baseline, "trained_on": "synthetic", "weak_tau": None, "n_test_good": 8,
             "n_test_defective": 5, **{m: auroc for m in METRIC_COLUMNS}, "aupro_fpr_limit": 0.3,
-            "metric_resolution": "64x64", "backbone_source": "", "val_score": 0.5, "train_seconds": 1.0,
+            "metric_resolution": "64x64", "metric_note": "", "backbone_source": "", "val_score": 0.5, "train_seconds": 1.0,
             "eval_seconds": 0.1, "checkpoint_path": ckpt}
 
 

@@ -160,15 +160,20 @@ def test_ingest_asset_writes_the_notes_manifest(tmp_path):
     assert list(notes["path"]) == ["widget/train/good/a b.png"]
 
 
-def test_an_image_level_only_dataset_gets_one_line_saying_what_is_missing(tmp_path, capsys):
+def test_an_image_level_only_dataset_gets_one_line_saying_what_runs(tmp_path, capsys, monkeypatch):
     import shutil
 
     from pipelines import cli
 
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
     root = build_mvtec(tmp_path / "data", "widget")
     shutil.rmtree(root / "widget" / "ground_truth")
-    with pytest.raises(ValueError, match=r"image-level labels only \(test/\{hole,scratch\}/ without ground_truth/"):
-        ingest_category(root, "widget")
-    assert cli.main(["add-category", "widget", "--root", str(root), "--no-run"]) == 2
+    assert cli.main(["add-category", "widget", "--root", str(root), "--methods", "cutpaste,perlin", "--no-run"]) == 0
+    out = [line for line in capsys.readouterr().out.splitlines() if "image-level" in line]
+    assert out == ["widget: image-level labels only (test/{hole,scratch}/ without ground_truth/): runs perlin, the "
+                   "no-synthetic-data reference detector and image-level metrics; skips cutpaste (need defect masks) "
+                   "and pixel metrics (no real masks)"]
+    assert cli.main(["add-category", "widget", "--root", str(root), "--methods", "cutpaste", "--no-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "image-level labels only" in err[0] and "ground_truth/<type>/<stem>_mask.png" in err[0]
+    assert len(err) == 1 and "--methods cutpaste: none of them runs on 'widget'" in err[0]

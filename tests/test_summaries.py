@@ -38,7 +38,7 @@ def _evaluation(category, method):
                      "trained_on": "normal_only" if det_method == REFERENCE_METHOD else "synthetic",
                      "weak_tau": None, "n_test_good": 8, "n_test_defective": 5,
                      **{m: score for m in METRIC_COLUMNS}, "pixel_ap": score / 2, "aupro_fpr_limit": 0.3,
-                     "metric_resolution": "64x64", "backbone_source": "lite0" if detector == "patchcore" else "",
+                     "metric_resolution": "64x64", "metric_note": "", "backbone_source": "lite0" if detector == "patchcore" else "",
                      "val_score": 0.5, "train_seconds": 1.0, "eval_seconds": 0.1,
                      "checkpoint_path": f"detectors/{category}/{det_method}/{detector}/checkpoints/best.ckpt"})
     return pd.DataFrame(rows)

@@ -15,6 +15,8 @@ Choices recorded here:
   has nothing to choose (one pass) and keeps its only checkpoint.
 - DRAEM's reconstruction target for a synthetic anomaly is the normal image it was drawn on (``recon_path``);
   for a normal image it is the image itself, exactly as in DRAEM where the clean image is the target.
+- Crash safety: trained (not one-class) detectors keep an epoch-start resume checkpoint (:class:`ResumePoint`)
+  and seed each epoch from (seed, epoch); a rerun after kill -9 continues from it and ends with the same files.
 - The Engine's results folder is ``<detector dir>/engine`` (cleared before each training so that reruns do not
   pile up versions); the chosen checkpoint is written to ``<detector dir>/checkpoints/best.ckpt``.
 """
@@ -151,7 +153,8 @@ class FitResult:
 def _portable_checkpoint(path: Path, workdir: Path) -> dict[str, Any]:
     """Rewrite a Lightning checkpoint with the absolute paths in its callbacks' state (ModelCheckpoint's
     dirpath, best_model_path, best_k_models keys) made relative to the detector folder: the same training in
-    two storage roots then gives the same bytes, and a moved storage root holds no stale absolute path."""
+    two storage roots then gives the same bytes, and a moved storage root holds no stale absolute path. Its
+    ``loops`` entry is dropped (see below)."""
     import io
 
     from ops.atomic import write_bytes_atomic
@@ -169,32 +172,111 @@ def _portable_checkpoint(path: Path, workdir: Path) -> dict[str, Any]:
 
     state = torch.load(path, map_location="cpu", weights_only=False)
     state["callbacks"] = relative(state.get("callbacks", {}))
+    # Loop counters record how the process got here (a resumed run restarts some of them), not the model: the
+    # shipped checkpoint holds weights, optimizer, epoch/step and callbacks, so a resumed training gives its bytes
+    state.pop("loops", None)
+    state = _interned(state)
     buf = io.BytesIO()
     torch.save(state, buf)
     write_bytes_atomic(path, buf.getvalue())
     return state
 
 
+class EpochSeeds(Callback):
+    """Reseed torch / numpy / random from (seed, epoch) at each training epoch's start: the random crops and
+    dropout of epoch k are then the same whether the run started at epoch 0 or resumed at epoch k."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        from lightning.pytorch import seed_everything
+
+        seed_everything(self.seed * 1_000_003 + trainer.current_epoch, workers=True, verbose=False)
+        # the datamodule's sampler draws this epoch's order from it when the epoch's iterator is made (after
+        # this hook); Lightning's own set_epoch counter restarts on resume
+        if hasattr(trainer.datamodule, "epoch"):
+            trainer.datamodule.epoch = trainer.current_epoch
+
+
+class ResumePoint(Callback):
+    """A full training checkpoint at the start of each epoch after the first, before its first batch, written
+    atomically (temp file + rename): a kill -9 leaves the previous one intact, never a torn file. Why the start
+    and not the end of the previous epoch: Lightning restarts an epoch-end checkpoint as an unfinished epoch
+    (one extra batch from a fresh loader); from an epoch-start one it replays the epoch from its first batch,
+    hooks included, which is exactly what an uninterrupted run does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        import os
+
+        if trainer.current_epoch == 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        state = torch.load(tmp, map_location="cpu", weights_only=False)
+        # At this hook the batch counters still describe the finished epoch (the epoch loop resets them right
+        # after); restored as they are, Lightning would take the new epoch for an almost finished one.
+        progress = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        progress["current"] = dict.fromkeys(progress["current"], 0)
+        progress["is_last_batch"] = False
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+
+def _interned(value: Any) -> Any:
+    """The structure with every string interned: pickle shares equal strings only when they are one object, and
+    which ones are depends on the process's history (a resumed run's come from a loaded file)."""
+    import sys
+
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        items = [(_interned(k), _interned(v)) for k, v in value.items()]
+        try:
+            return type(value)(items)
+        except TypeError:
+            return dict(items)
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_interned(v) for v in value)
+    return value
+
+
 def fit(model: AnomalibModule, datamodule: Any, workdir: Path, steps: int, *, val_every: int = 10,
         select: bool = True, progress: Progress = no_progress, desc: str = "train",
-        enable_progress_bar: bool = False, accelerator: str = "auto") -> FitResult:
+        enable_progress_bar: bool = False, accelerator: str = "auto", seed: int = 0,
+        resume_dir: Path | None = None) -> FitResult:
     """Train for ``steps`` optimizer steps (one pass for one-class models) with anomalib's Engine, validating
-    every ``val_every`` steps; keep the checkpoint best on validation."""
+    every ``val_every`` steps; keep the checkpoint best on validation.
+
+    ``resume_dir`` (trained models only; the caller keys it by everything the training depends on): an epoch-start
+    checkpoint kept there is resumed from, optimizer, loop counters and best-so-far included, and epochs are
+    seeded by (``seed``, epoch) (:class:`EpochSeeds`, the datamodule's sampler), so an interrupted training ends
+    with the same files as an uninterrupted one. The caller deletes the folder once the result is saved."""
     workdir = Path(workdir)
     ckpt_dir = workdir / "checkpoints"
-    for stale in ckpt_dir.glob("*.ckpt"):
-        stale.unlink()
+    last = Path(resume_dir) / "last.ckpt" if (resume_dir is not None and select) else None
+    resuming = last is not None and last.is_file()
+    if not resuming:  # the best-so-far checkpoint belongs to the interrupted run's state: keep it when resuming
+        for stale in ckpt_dir.glob("*.ckpt"):
+            stale.unlink()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=SELECT_METRIC if select else None,
                                  mode="max", save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     # One-class models make one pass over the normals (anomalib forces max_epochs=1 for PatchCore).
     budget = {"max_steps": steps, "check_val_every_n_epoch": None, "val_check_interval": min(val_every, steps)} \
         if select else {"max_epochs": 1}
     total = steps if select else -(-int((datamodule.samples["split"] == "train").sum()) // datamodule.train_batch_size)
-    engine = Engine(default_root_dir=workdir / "engine", callbacks=[checkpoint, _ProgressCallback(desc, total, progress)],
+    callbacks = [checkpoint, _ProgressCallback(desc, total, progress)]
+    if last is not None:
+        callbacks += [EpochSeeds(seed), ResumePoint(last)]
+    engine = Engine(default_root_dir=workdir / "engine", callbacks=callbacks,
                     accelerator=accelerator, devices=1, logger=False, enable_progress_bar=enable_progress_bar,
                     enable_model_summary=False, **budget)
     start = time.perf_counter()
-    engine.fit(model=model, datamodule=datamodule)
+    engine.fit(model=model, datamodule=datamodule, ckpt_path=str(last) if resuming else None)
     seconds = time.perf_counter() - start
     best = Path(checkpoint.best_model_path or checkpoint.last_model_path or "")
     if not best.is_file():

@@ -15,6 +15,8 @@ Choices recorded here because the papers leave them open:
 - 50/50 sampling (DRAEM, AnomalyDiffusion): the train loader draws with replacement so that each item is an
   anomaly with probability ``anomaly_ratio`` (0.5) whatever the class counts are; an epoch has as many draws as
   the train table has rows.
+- Draw order is seeded per epoch (:class:`EpochSeededSampler`), so training resumed at an epoch boundary
+  continues exactly as an uninterrupted run (``ops.detection.anomalib_models.fit``).
 - The validation slice is stratified by defect type, ``val_fraction`` (0.2) of each, at least one item per type
   when the type has two or more; normals likewise (at least one).
 - ``recon_path`` is the image an ideal reconstruction would give (a synthetic image's source normal, a normal
@@ -192,6 +194,7 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         self.samples = samples
         self.category = category
         self.anomaly_ratio = anomaly_ratio
+        self.epoch = 0  # the training epoch about to draw (EpochSeededSampler)
 
     def _setup(self, _stage: str | None = None) -> None:
         by_split = {s: self.samples[self.samples["split"] == s] for s in ("train", "val", "test")}
@@ -217,12 +220,28 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         return torch.where(labels == 1, self.anomaly_ratio / n_anomalous, (1 - self.anomaly_ratio) / n_normal).double()
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(int(self.seed or 0))
         labels = self.train_data.samples["label_index"]
         if labels.nunique() < 2:  # one-class training (PatchCore reference): every normal once, no duplicates
+            generator = torch.Generator().manual_seed(int(self.seed or 0))
             return DataLoader(self.train_data, batch_size=self.train_batch_size, shuffle=True, generator=generator,
                               num_workers=self.num_workers, collate_fn=self.train_data.collate_fn)
-        sampler = WeightedRandomSampler(self.sampling_weights(), num_samples=len(self.train_data), replacement=True,
-                                        generator=generator)
+        sampler = EpochSeededSampler(self.sampling_weights(), len(self.train_data), int(self.seed or 0),
+                                     lambda: self.epoch)
         return DataLoader(self.train_data, batch_size=self.train_batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=self.train_data.collate_fn)
+
+
+class EpochSeededSampler(WeightedRandomSampler):
+    """Weighted draws with replacement whose order depends only on (seed, epoch), the epoch read from
+    ``epoch_of()`` when the epoch's iterator is made (the datamodule's ``epoch``, set by the training's
+    ``EpochSeeds`` callback from the trainer's restored epoch), so a training resumed at an epoch start draws
+    exactly the batches an uninterrupted one would (a generator carried across epochs would restart at epoch
+    0's order, and Lightning's own ``set_epoch`` counter restarts on resume)."""
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int, epoch_of: Any) -> None:
+        super().__init__(weights, num_samples=num_samples, replacement=True, generator=torch.Generator())
+        self.seed, self.epoch_of = seed, epoch_of
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed * 1_000_003 + int(self.epoch_of()))
+        return super().__iter__()

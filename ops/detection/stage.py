@@ -12,7 +12,12 @@ anomalib checkpoint), ``weights/torch/model.pt`` (anomalib's torch export), ``sa
 val / test row with its role, for lineage and the leakage check) and ``config.json`` (the training config, data
 counts, backbone source, selection result). ``config.json`` is written last and carries a fingerprint of the
 config and the input files' hashes: a rerun with the same fingerprint reuses the detector instead of
-retraining (idempotent reruns), any change retrains.
+retraining (idempotent reruns), any change retrains. An unfinished training (kill -9 included) leaves
+``resume/<fingerprint>/last.ckpt`` (epoch end); a rerun with that fingerprint continues from it and ends with
+the files of an uninterrupted run; the folder is removed when the detector is complete.
+
+Image-level-only categories (``ops.image_level``): the held-out defects have no masks, so evaluation reports the
+image metrics only; the pixel columns are NaN and ``metric_note`` says why.
 
 Box-labelled methods (``weak_methods``, default AnoGen) train the segmenter with the weak loss at ``weak_tau``
 and, as extra rows (``ops.detection.mix``), at each τ of ``weak_ablation`` (``segmenter-tau1``: plain box
@@ -46,8 +51,9 @@ from ops.atomic import table_to_parquet_bytes
 from ops.detection import anomalib_models as am
 from ops.detection.backbones import OfflineBackbone, resolve_backbone
 from ops.detection.datamodule import SyntheticAnomalyDataModule, build_samples, check_no_test_leakage, localized
-from ops.detection.evaluate import METRIC_COLUMNS, compute_metrics, predict_rows
+from ops.detection.evaluate import IMAGE_METRICS, METRIC_COLUMNS, PIXEL_METRICS, compute_metrics, predict_rows
 from ops.detection.mix import MIX_SOURCE, MIX_SUFFIX, base_detector, mixed_synthetic, tau_variant
+from ops.image_level import PIXEL_NOTE, is_image_level
 from ops.locks import exclusive, storage_lock
 from ops.manifest import dumps, empty_frame, to_table
 from ops.methods.base import MethodConfig, Progress, no_progress
@@ -56,6 +62,7 @@ from ops.cache import cache_dir
 from ops.storage import Storage, check_name, sha256_bytes, sha256_file
 
 REFERENCE_METHOD = "none"
+RESUME_DIR = "resume"  # <detector dir>/resume/<fingerprint>/last.ckpt while a training is unfinished
 
 DETECTOR_SCHEMA = pa.schema([
     ("category", pa.string()), ("method", pa.string()), ("partition_method", pa.string()),
@@ -78,6 +85,7 @@ EVALUATION_SCHEMA = pa.schema([
     ("aupro_fpr_limit", pa.float64()), ("metric_resolution", pa.string()), ("backbone_source", pa.string()),
     ("val_score", pa.float64()), ("train_seconds", pa.float64()), ("eval_seconds", pa.float64()),
     ("checkpoint_path", pa.string()),
+    ("metric_note", pa.string()),  # why metrics the test set would define are missing ("" when none is)
 ])
 
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -253,7 +261,7 @@ def read_samples(storage: Storage, rel: str) -> pd.DataFrame:
 
 def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConfig, weak_tau: float | None,
          backbone: OfflineBackbone | None, workdir: Path, desc: str, progress: Progress,
-         weak_paths: set[str] | None = None) -> tuple[am.FitResult, Path]:
+         weak_paths: set[str] | None = None, resume_dir: Path | None = None) -> tuple[am.FitResult, Path]:
     """Build, train and select one detector in ``workdir``; returns the fit result and the torch export."""
     from lightning.pytorch import seed_everything
 
@@ -274,11 +282,17 @@ def _fit(detector: str, category: str, samples: pd.DataFrame, cfg: DetectionConf
             model.weak_paths = weak_paths
         result = am.fit(model, dm, workdir, cfg.steps_for(detector), val_every=cfg.val_every,
                         select=detector not in am.ONE_CLASS, progress=progress, desc=desc,
-                        enable_progress_bar=cfg.enable_progress_bar, accelerator=cfg.accelerator)
-        load_weights(model, result.checkpoint)
-        if isinstance(model, am.SyntheticDraem):
-            model.recon_paths, model._recon_cache = {}, {}
-        return result, model.cpu().to_torch(export_root=workdir)
+                        enable_progress_bar=cfg.enable_progress_bar, accelerator=cfg.accelerator, seed=cfg.seed,
+                        resume_dir=resume_dir)
+        # exported from a fresh module: one restored by a resumed training pickles differently (its transforms
+        # rebuilt from the checkpoint), and the export must not depend on whether training was interrupted
+        seed_everything(cfg.seed, workers=True, verbose=False)
+        export = am.build_model(detector, cfg.options_for(detector), cfg.image_size, backbone=backbone,
+                                dtd_dir=dtd_dir, weak_tau=weak_tau)
+        if weak_paths is not None:
+            export.weak_paths = weak_paths
+        load_weights(export, result.checkpoint)
+        return result, export.cpu().to_torch(export_root=workdir)
 
 
 def _train_one(storage: Storage, category: str, method: str, detector: str, samples: pd.DataFrame,
@@ -294,8 +308,11 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
         done = _read_json(storage, f"{rel}/config.json")
         if done and done.get("fingerprint") == fingerprint and storage.path(done["checkpoint_path"]).exists():
             return {**done["row"], "seconds": 0.0, "partition_method": partition_method, "reused": True}
+        resume_root = workdir / RESUME_DIR
+        for other in (p for p in resume_root.glob("*") if p.name != fingerprint):
+            shutil.rmtree(other, ignore_errors=True)  # an interrupted training of other inputs: never resumed
         result, export = _fit(detector, category, samples, cfg, weak_tau, backbone, workdir,
-                              f"{category}/{method}/{variant}", progress, weak_paths)
+                              f"{category}/{method}/{variant}", progress, weak_paths, resume_root / fingerprint)
         paths = {"checkpoint_path": f"{rel}/checkpoints/best.ckpt", "export_path": f"{rel}/weights/torch/model.pt",
                  "samples_path": f"{rel}/samples.parquet", "config_path": f"{rel}/config.json"}
         if not storage.is_local:
@@ -324,6 +341,7 @@ def _train_one(storage: Storage, category: str, method: str, detector: str, samp
         storage.write_bytes(paths["config_path"], json.dumps({"fingerprint": fingerprint, "checkpoint_path":
                                                              paths["checkpoint_path"], "config": config, "row": row},
                                                             indent=2, sort_keys=True, default=str).encode())
+        shutil.rmtree(resume_root, ignore_errors=True)  # complete: the folder equals an uninterrupted run's
     return {**row, "seconds": result.seconds, "partition_method": partition_method, "reused": False}
 
 
@@ -442,6 +460,9 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
         with loaded_detector(storage, det) as model:
             preds = predict_rows(model, localized(test), batch_size=cfg.eval_batch_size)
         metrics = compute_metrics(preds.scores, preds.labels, preds.maps, preds.masks, fpr_limit=cfg.aupro_fpr_limit)
+        image_level = is_image_level(split[split["role"] == "holdout"])
+        if image_level:  # all-zero stand-in masks of defective images must never become pixel scores
+            metrics.update(dict.fromkeys(PIXEL_METRICS, float("nan")))
         rows.append({"category": det.category, "method": det.method, "detector": det.detector,
                      "row_label": row_label(det.method, det.detector), "is_baseline": det.method in BASELINES,
                      "trained_on": det.trained_on, "weak_tau": det.weak_tau,
@@ -450,7 +471,7 @@ def evaluate_detectors(storage: Storage, split_df: pd.DataFrame, detector_df: pd
                      "metric_resolution": "x".join(map(str, preds.maps.shape[1:])),
                      "backbone_source": det.backbone_source, "val_score": det.val_score,
                      "train_seconds": det.seconds, "eval_seconds": time.perf_counter() - start,
-                     "checkpoint_path": det.checkpoint_path})
+                     "checkpoint_path": det.checkpoint_path, "metric_note": PIXEL_NOTE if image_level else ""})
     progress("evaluate detectors", len(detector_df), len(detector_df))
     if not rows:
         return empty_frame(EVALUATION_SCHEMA)
@@ -484,7 +505,8 @@ def check_evaluation(evaluation_df: pd.DataFrame) -> list[str]:
     problems = []
     for row in evaluation_df.itertuples(index=False):
         name = f"{row.category}/{row.method}/{row.detector}"
-        needed = list(METRIC_COLUMNS) if row.n_test_defective and row.n_test_good else []
+        needed = list(IMAGE_METRICS if row.metric_note == PIXEL_NOTE else METRIC_COLUMNS) \
+            if row.n_test_defective and row.n_test_good else []
         for m in needed:
             value = getattr(row, m)
             if not (value == value and 0.0 <= value <= 1.0):

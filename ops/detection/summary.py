@@ -58,7 +58,9 @@ def summarize_detectors(evaluation_df: pd.DataFrame) -> pd.DataFrame:
     rows["n_categories"] = 1
     for m in METRIC_COLUMNS:
         rows[f"{m}_std"] = np.nan
-    rows["note"] = [undefined_note(g, d) for g, d in zip(rows["n_test_good"], rows["n_test_defective"])]
+    notes = rows["metric_note"] if "metric_note" in rows.columns else [""] * len(rows)
+    rows["note"] = ["; ".join(n for n in (undefined_note(g, d), m) if n)
+                    for g, d, m in zip(rows["n_test_good"], rows["n_test_defective"], notes)]
     means = []
     for key, group in rows.groupby(GROUP, sort=True, dropna=False):
         row = dict(zip(GROUP, key))

@@ -5,6 +5,8 @@ Layouts (auto-detected per category folder; each module's docstring has the full
 - ``mvtec`` (MVTec AD): ``<cat>/train/good``, ``<cat>/test/<type>``, ``<cat>/ground_truth/<type>/<stem>_mask.png``
 - ``loco`` (MVTec LOCO AD): as mvtec plus ``<cat>/validation/good``, masks in
   ``ground_truth/<type>/<stem>/NNN.png`` (one file per defect region, unioned)
+- ``mvtec-image-level``: the MVTec AD tree without ``ground_truth/`` (image-level labels only); defect rows have
+  no mask, and only what needs none runs on them (``ops.image_level``)
 - ``visa`` (VisA): ``<root>/split_csv/1cls.csv`` + ``<cat>/Data/Images``, ``<cat>/Data/Masks``
 - ``folder`` (plain, for your own data)::
 
@@ -15,7 +17,8 @@ Layouts (auto-detected per category folder; each module's docstring has the full
 
 Detection order: a root with ``split_csv/1cls.csv`` is VisA; otherwise each sub-folder is ``loco`` when it
 has the MVTec folders and ``validation/`` or per-image mask folders, ``mvtec`` when it has
-``train/good``, ``test`` and ``ground_truth``, ``folder`` when it has ``good`` and ``defects``.
+``train/good``, ``test`` and ``ground_truth``, ``mvtec-image-level`` when it has ``train/good`` and ``test`` but no
+``ground_truth``, ``folder`` when it has ``good`` and ``defects``.
 Sub-folders that match no layout are skipped with a warning (a typo should not pass unnoticed); a root
 where none matches is an error.
 
@@ -37,7 +40,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ops.ingest import folder, loco, mvtec, visa
+from ops.ingest import folder, image_level, loco, mvtec, visa
 from ops.ingest.collect import NOTE_SCHEMA, REJECT_SCHEMA, RAW_SCHEMA, IngestResult, process
 from ops.samples import load_sample
 from ops.storage import check_name
@@ -47,10 +50,10 @@ __all__ = ["discover_categories", "ingest_category", "IngestResult", "RAW_SCHEMA
            "load_sample"]
 
 # Order matters: loco is a refinement of mvtec.
-_FOLDER_LAYOUTS = {"loco": loco, "mvtec": mvtec, "folder": folder}
-LAYOUTS = ("mvtec", "loco", "visa", "folder")
+_FOLDER_LAYOUTS = {"loco": loco, "mvtec": mvtec, image_level.NAME: image_level, "folder": folder}
+LAYOUTS = ("mvtec", "loco", image_level.NAME, "visa", "folder")
 _HINT = ("expected one of: MVTec AD (<category>/train/good, test/, ground_truth/), MVTec LOCO (the same with "
-         "ground_truth/<type>/<stem>/ folders), VisA (<root>/split_csv/1cls.csv) or the plain layout "
+         "ground_truth/<type>/<stem>/ folders), MVTec without ground_truth/ (image-level labels only), VisA (<root>/split_csv/1cls.csv) or the plain layout "
          "(<category>/good/, defects/<type>/, masks/<type>/) described in ops/ingest/__init__.py")
 
 
@@ -64,13 +67,6 @@ def _root(dataset_root: Any) -> Path:
 
 def no_layout_message(cat_dir: Path) -> str:
     """What a category folder that matches no layout holds, and which layouts were tried (one line)."""
-    has_tree = (cat_dir / "train" / "good").is_dir() and (cat_dir / "test").is_dir()
-    if has_tree and not (cat_dir / "ground_truth").exists():
-        types = sorted(p.name for p in (cat_dir / "test").iterdir() if p.is_dir() and p.name != "good")
-        return (f"{cat_dir} has image-level labels only (test/{{{','.join(types)}}}/ without ground_truth/ masks): "
-                f"every stage here starts from pixel masks of real defects (support set, target masks, pixel "
-                f"metrics), so this category cannot run yet; add ground_truth/<type>/<stem>_mask.png for at least "
-                f"the first third of each type's images (the support set)")
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in cat_dir.iterdir() if not p.name.startswith("."))
     shown = ", ".join(entries[:12]) + (f", ... ({len(entries)} entries)" if len(entries) > 12 else "")
     return (f"{cat_dir} matches no dataset layout: it holds {shown or 'nothing'}; tried "
@@ -132,9 +128,6 @@ def discover_categories(dataset_root: Any) -> list[tuple[str, str]]:
         if own:
             raise ValueError(f"{root} is itself a category folder ({own} layout); pass its parent {root.parent} "
                              f"as the dataset root")
-        image_level = [d for d in sorted(root.iterdir()) if d.is_dir() and "image-level" in no_layout_message(d)]
-        if image_level:
-            raise ValueError(no_layout_message(image_level[0]))
         raise ValueError(f"no category folder with a known layout under {root}; {_HINT}")
     if skipped:
         warnings.warn(f"{root}: skipped folders that match no dataset layout: {skipped}; {_HINT}", stacklevel=2)

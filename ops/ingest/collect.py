@@ -36,13 +36,13 @@ RAW_SCHEMA = pa.schema([
     ("split", pa.string()),         # "train" | "test"
     ("defect_type", pa.string()),   # "good" or the defect type
     ("dataset_root", pa.string()),  # absolute
-    ("layout", pa.string()),        # mvtec | loco | visa | folder
+    ("layout", pa.string()),        # mvtec | loco | visa | folder | mvtec-image-level
     ("image_path", pa.string()),    # relative to dataset_root, posix
-    ("mask_path", pa.string()),     # relative to dataset_root, or absolute (union masks in the cache); null for good
+    ("mask_path", pa.string()),     # relative to dataset_root, or absolute (union masks in the cache); null for good and for image-level defects
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("sha256", pa.string()),        # of the image file bytes
-    ("mask_area", pa.float64()),    # defect fraction of the image, 0.0 for good
+    ("mask_area", pa.float64()),    # defect fraction of the image, 0.0 for good, NaN without a mask
     ("mask_count", pa.int32()),     # mask files unioned into mask_path, 0 for good
 ])
 
@@ -197,6 +197,9 @@ def _row(root: Path, category: str, layout: str, e: Entry, rule: v.MaskRule,
            "dataset_root": str(root), "layout": layout, "image_path": _rel(root, e.image), "mask_path": None,
            "width": info.width, "height": info.height, "sha256": info.sha256, "mask_area": 0.0, "mask_count": 0}
     if e.defect_type == "good":
+        return row, info.notes
+    if rule == "none":  # image-level labels (ops.ingest.image_level): defective, region unknown
+        row["mask_area"] = float("nan")
         return row, info.notes
     if not e.masks:
         raise _at(v.Problem(v.MISSING_MASK, "defect image without a mask file",

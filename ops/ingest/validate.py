@@ -63,7 +63,7 @@ ORPHAN_MASK = "mask without image"
 OUTSIDE_ROOT = "path outside dataset root"
 BAD_CSV_ROW = "bad csv row"
 
-MaskRule = Literal["binary", "labels"]
+MaskRule = Literal["binary", "labels", "none"]  # none: image-level labels, no masks
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 

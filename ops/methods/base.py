@@ -79,6 +79,9 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     needs_backbone: ClassVar[bool] = False  # True: the stage passes the DiffusionBackbone's loaded models
     needs_reference: ClassVar[bool] = True  # True: each job carries a support anomaly of its defect type
+    # False: runs on image-level-only categories (no real masks: box targets on the foreground, no support set;
+    # ops.image_level); True, the safe default for third-party methods, skips them there with a reason
+    needs_masks: ClassVar[bool] = True
     target_mode: ClassVar[str | None] = None  # "affine" | "box": the method's own target sampler (None: the pipeline's)
 
     def target_options(self, cfg: MethodConfig, category: str) -> dict[str, Any]:

@@ -21,6 +21,8 @@ Choices where the paper, its code and the brief differ or are silent:
   shuffles a k x k grid (k in {2, 4, 8}) of the normal image's own tiles. Then ``n_augment`` (3, DRAEM's
   ``SomeOf(3)``) distinct augmentations from DRAEM's list, applied in random order: gamma contrast, brightness
   multiply/add, sharpness, hue/saturation shift, solarize, posterize, invert, autocontrast, equalize, rotate.
+- Image-level-only categories (no real masks, ``ops.image_level``): the target is a random box on the
+  product's foreground (``ops.masks.targets`` mode "box") and the shape inside it the thresholded noise, as ever.
 - Randomness comes only from the job's seed, so results are deterministic per job.
 """
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Perlin(Method):
     config_cls = PerlinConfig
     needs_backbone = False
     needs_reference = False
+    needs_masks = False  # the anomaly is procedural: only the target region came from a support mask
 
     def synthesize(self, backbone, adapter: Adapter, jobs: Sequence[SynthesisJob], cfg: PerlinConfig,
                    progress: Progress = no_progress) -> Iterator[Synthetic]:

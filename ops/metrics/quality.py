@@ -23,6 +23,9 @@ Choices where the issue or papers leave room:
   AnomalyDiffusion variant on mask-multiplied images (generated x final refined mask, support x its real mask).
 - The pooled row computes FID/KID/IS on the pooled sets; IC values are the mean over defect types (clusters are
   per type); background and mask-fidelity values are means over all images.
+- Streaming: generated images are read from disk when a metric needs them (``StoredImages``), background
+  values a chunk of ``STREAM_CHUNK`` at a time; what is kept per image is its numbers and pooled features
+  (about 18 KB), so memory no longer grows with the images' pixels (bench/bench_memory.py).
 - ``sources_json`` maps every metric column to the backbone that produced it or to ``"skipped: <reason>"``.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -138,7 +141,32 @@ def _src(x: Any) -> str:
     return f"skipped: {x}" if isinstance(x, str) else x.name
 
 
+class StoredImages(Sequence):
+    """Images read from disk on access (an index or a slice), never all held: the metrics stream them, so memory
+    does not grow with the partition's size (only per-image numbers and pooled features are kept)."""
+
+    def __init__(self, items: Sequence[dict[str, Any]], load: Callable[[dict[str, Any]], np.ndarray]):
+        self._items, self._load = list(items), load
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._load(it) for it in self._items[i]]
+        return self._load(self._items[i])
+
+
+def _image(it: dict[str, Any]) -> np.ndarray:
+    return read_rgb(it["image_path"])
+
+
+def _masked_image(it: dict[str, Any]) -> np.ndarray:
+    return _masked(read_rgb(it["image_path"]), read_mask(it["final_path"]))
+
+
 def _synthetic_images(storage: Storage, syn: pd.DataFrame, ref: pd.DataFrame) -> dict[int, dict[str, Any]]:
+    """Per generated image: where its files are and its refined-mask numbers (the pixels stay on disk)."""
     ref_by_index = ref.set_index("index")
     out = {}
     for _, r in syn.iterrows():
@@ -147,12 +175,13 @@ def _synthetic_images(storage: Storage, syn: pd.DataFrame, ref: pd.DataFrame) ->
             raise ValueError(f"refined_masks has no row for synthetic index {idx} ({r['image_path']}); "
                              f"re-materialize refined_masks for this partition")
         rr = ref_by_index.loc[idx]
-        # local_file / dataset_file: the files themselves, or cached copies of a remote root's objects
-        out[idx] = {"image": read_rgb(storage.local_file(r["image_path"])), "defect_type": str(r["defect_type"]),
-                    "target": read_mask(storage.local_file(r["target_path"])),
-                    "final": read_mask(storage.local_file(rr["final_path"])), "final_iou": float(rr["final_iou"]),
-                    "final_area": float(rr["final_area"]),
-                    "normal": read_rgb(dataset_file(r["normal_dataset_root"], str(r["normal_path"])))}
+        # paths only (images are read when needed); local_file / dataset_file: the files themselves, or cached
+        # copies of a remote root's objects
+        out[idx] = {"image_path": storage.local_file(r["image_path"]), "defect_type": str(r["defect_type"]),
+                    "target_path": storage.local_file(r["target_path"]),
+                    "final_path": storage.local_file(rr["final_path"]),
+                    "final_iou": float(rr["final_iou"]), "final_area": float(rr["final_area"]),
+                    "normal_path": dataset_file(r["normal_dataset_root"], str(r["normal_path"]))}
     return out
 
 
@@ -203,19 +232,26 @@ def _ic_block(dist: PerceptualDistance | str, gen: list[np.ndarray], centers: li
     return vals, info
 
 
+STREAM_CHUNK = 32  # images in memory at a time; a multiple of the networks' batch sizes (8, 16): same batches
+
+
 def _background(items: dict[int, dict[str, Any]], nets: MetricBackbones, cfg: QualityConfig) -> None:
-    """Per-image bg_* values, stored in the item dicts (computed once, aggregated per group)."""
-    comps, normals = [], []
-    for it in items.values():
-        bg = background_region(it["target"], it["final"], cfg.bg_margin)
-        it["bg_psnr"], it["bg_ssim"] = psnr_ssim(it["image"], it["normal"], bg, cfg.psnr_cap)
-        comps.append(composite(it["image"], it["normal"], bg))
-        normals.append(it["normal"])
-    for col, dist in (("bg_lpips", nets.lpips["alex"]), ("bg_effl0", nets.lite0_distance)):
-        vals = [math.nan] * len(comps) if isinstance(dist, str) else list(dist.paired(dist.embed(comps),
-                                                                                      dist.embed(normals)))
-        for it, v in zip(items.values(), vals):
-            it[col] = v
+    """Per-image bg_* values, stored in the item dicts (computed once, aggregated per group), a chunk at a time."""
+    todo = list(items.values())
+    for start in range(0, len(todo), STREAM_CHUNK):
+        comps, normals = [], []
+        chunk = todo[start:start + STREAM_CHUNK]
+        for it in chunk:
+            image, normal = read_rgb(it["image_path"]), read_rgb(it["normal_path"])
+            bg = background_region(read_mask(it["target_path"]), read_mask(it["final_path"]), cfg.bg_margin)
+            it["bg_psnr"], it["bg_ssim"] = psnr_ssim(image, normal, bg, cfg.psnr_cap)
+            comps.append(composite(image, normal, bg))
+            normals.append(normal)
+        for col, dist in (("bg_lpips", nets.lpips["alex"]), ("bg_effl0", nets.lite0_distance)):
+            vals = [math.nan] * len(comps) if isinstance(dist, str) else list(dist.paired(dist.embed(comps),
+                                                                                          dist.embed(normals)))
+            for it, v in zip(chunk, vals):
+                it[col] = v
 
 
 def _masked(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -240,7 +276,7 @@ def quality_partition(storage: Storage, split_df: pd.DataFrame, synthetic_df: pd
     real = [(load_sample(r), r["role"], r["defect_type"]) for _, r in _real_rows(split_df, category).iterrows()]
     order = list(items)
     feats = {name: (_features(fe, [s.image for s, _, _ in real]),
-                    _features(fe, [items[i]["image"] for i in order]))
+                    _features(fe, StoredImages([items[i] for i in order], _image)))
              for name, fe in (("", nets.inception), ("_effl0", nets.lite0))}
     holdout_nn = _nearest_support(items, order, real, feats["_effl0"])
     sources = _sources(nets)
@@ -276,7 +312,7 @@ def quality_partition(storage: Storage, split_df: pd.DataFrame, synthetic_df: pd
 
 def _group_row(sel: list[dict], real_idx: list[int], fake_idx: list[int], support: list, feats: dict,
                nets: MetricBackbones, cfg: QualityConfig, with_ic: bool) -> dict[str, Any]:
-    fake = [it["image"] for it in sel]
+    fake = StoredImages(sel, _image)
     row: dict[str, Any] = {"n_generated": len(sel), "n_real": len(real_idx), "n_support": len(support)}
     notes = []
     for suffix in ("", "_effl0"):
@@ -290,7 +326,7 @@ def _group_row(sel: list[dict], real_idx: list[int], fake_idx: list[int], suppor
                 notes.append(m.notes)
     centers = [s.image for s in support]
     centers_m = [_masked(s.image, s.mask) for s in support]
-    gen_m = [_masked(it["image"], it["final"]) for it in sel]
+    gen_m = StoredImages(sel, _masked_image)
     clusters = {}
     for prefix, dist, variants in () if not with_ic else (("ic_lpips", nets.lpips["vgg"], ("ad", "a")),
                                    ("ic_lpips", nets.lpips["alex"], ("dfm",)),
