@@ -232,7 +232,7 @@ def _interned(value: Any) -> Any:
     which ones are depends on the process's history (a resumed run's come from a loaded file)."""
     import sys
 
-    if isinstance(value, str):
+    if type(value) is str:  # str subclasses (Lightning's str enums such as PrecisionType) cannot be interned
         return sys.intern(value)
     if isinstance(value, dict):
         items = [(_interned(k), _interned(v)) for k, v in value.items()]
