@@ -1,5 +1,5 @@
-"""The executor of every job in the code location: ``ANOMALY_FORGE_EXECUTOR`` = ``multiprocess`` (default), ``k8s``
-or ``celery``.
+"""The executor of every job in the code location: ``ANOMALY_FORGE_EXECUTOR`` = ``multiprocess`` (default), ``k8s``,
+``celery`` or ``in_process``.
 
 Choices:
 - ``multiprocess`` is Dagster's ``multiprocess_executor``, left unconfigured so that a run's config (launchpad,
@@ -13,6 +13,8 @@ Choices:
 - Where a heavy step goes is not in these files: it is in the op tags of the GPU assets
   (``assets.partitions.GPU_TAGS``: a ``nvidia.com/gpu`` limit, node selector and toleration for the step's pod,
   the ``gpu`` celery queue), so each executor places exactly those steps on GPU machines.
+- ``in_process`` runs every step in the run's own process (debugging, and daemon tests on a small machine where a
+  process per step would re-import torch each time).
 - dagster-k8s and dagster-celery are imported only when chosen (the ``deploy`` extra of pyproject.toml).
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import dagster as dg
 import yaml
 
-EXECUTORS = ("multiprocess", "k8s", "celery")
+EXECUTORS = ("multiprocess", "k8s", "celery", "in_process")
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
 
 
@@ -56,6 +58,8 @@ def build_executor(kind: str | None = None) -> dg.ExecutorDefinition:
     kind = kind or executor_kind()
     if kind == "multiprocess":
         return dg.multiprocess_executor
+    if kind == "in_process":
+        return dg.in_process_executor
     if kind == "k8s":
         from dagster_k8s import k8s_job_executor as executor
     elif kind == "celery":

@@ -45,6 +45,7 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("ANOMALY_FORGE_N", "4")
     monkeypatch.setenv("ANOMALY_FORGE_METHODS", ",".join(METHODS))
     monkeypatch.setenv("ANOMALY_FORGE_TEST_SETTINGS", json.dumps(CHEAP))
+    monkeypatch.setenv("ANOMALY_FORGE_EXECUTOR", "in_process")
     return data
 
 
