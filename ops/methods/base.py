@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
+from ops.manifest import dumps
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
@@ -55,6 +56,50 @@ class MethodConfig:
 def render_prompt(cfg: Any, category: str, defect_type: str) -> str:
     """The method's prompt template (its ``prompt`` option) for one category and defect type."""
     return cfg.prompt.format(category=category, defect_type=defect_type.replace("_", " "))
+
+
+def backbone_identity(backbone: Any, format_version: int) -> dict[str, Any]:
+    """The backbone facts a trained adapter depends on (with the adapter's file format version)."""
+    return {"model": backbone.model_id, "resolution": backbone.resolution, "format": format_version,
+            "T": int(backbone.scheduler.config.num_train_timesteps)}
+
+
+def training_digest(headers: Sequence[dict[str, Any]], samples: Sequence[Sample], *, masks: bool,
+                    key: Callable[[Sample], str] = lambda s: s.image_id) -> str:
+    """What makes two trainings the same, as 16 hex digits: each header (options, ``backbone_identity``) as stable
+    JSON, then every support sample in image-id order: its ``key``, its exact pixels and, with ``masks``, its mask.
+    A method's finished adapter is reused only when its recorded digest equals this one."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for header in headers:
+        h.update(dumps(header).encode())
+    for sample in sorted(samples, key=lambda s: s.image_id):
+        h.update(key(sample).encode())
+        h.update(np.ascontiguousarray(sample.image).tobytes())
+        if masks:
+            h.update(np.packbits(np.asarray(sample.mask, dtype=bool)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_adapter_record(path: Path, method: str, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The JSON record a method writes last into a finished adapter (its presence marks the adapter finished):
+    ``None`` when it is missing and ``missing_ok``, else an error naming the file and the step to rerun."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{path}: no finished {method} adapter here; materialize anomaly_adapters for this "
+                                f"category with method {method!r} first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: unreadable ({e}); delete it and rerun anomaly_adapters for method "
+                         f"{method!r}") from e
 
 
 def support_by_type(owner: str, support: Sequence[Sample], need_mask: bool = False

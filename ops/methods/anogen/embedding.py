@@ -29,21 +29,19 @@ Choices where the paper is vague:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ops.atomic import write_bytes_atomic
 from ops.diffusion import textual_inversion as ti
 from ops.diffusion.training import denoising_loss, latent_mask, train
 from ops.diffusion.vae import encode
-from ops.manifest import dumps
+from ops.methods.base import backbone_identity, read_adapter_record, training_digest
 from ops.storage import check_name
 from ops.types import Sample
 
@@ -97,28 +95,12 @@ def masked_loss(backbone: Any, latents: torch.Tensor, masks: torch.Tensor | None
 
 def settings_hash(settings: FitSettings, backbone: Any, samples: Sequence[Sample], prompt: str) -> str:
     """What makes two fits the same: settings, prompt, backbone, and the exact support pixels and masks."""
-    h = hashlib.sha256()
-    h.update(dumps({**asdict(settings), "prompt": prompt, "model": backbone.model_id, "format": FORMAT_VERSION,
-                    "resolution": backbone.resolution,
-                    "T": int(backbone.scheduler.config.num_train_timesteps)}).encode())
-    for s in sorted(samples, key=lambda s: s.image_id):
-        h.update(s.image_id.encode())
-        h.update(np.ascontiguousarray(s.image).tobytes())
-        h.update(np.packbits(np.asarray(s.mask, dtype=bool)).tobytes())
-    return h.hexdigest()[:16]
+    return training_digest([{**asdict(settings), "prompt": prompt, **backbone_identity(backbone, FORMAT_VERSION)}],
+                           samples, masks=True)
 
 
 def read_info(dt_dir: Path, missing_ok: bool = False) -> dict[str, Any] | None:
-    path = Path(dt_dir) / INFO_FILE
-    if not path.is_file():
-        if missing_ok:
-            return None
-        raise FileNotFoundError(f"{path}: no finished AnoGen embedding here; materialize anomaly_adapters for this "
-                                f"category with method 'anogen' first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: unreadable ({e}); delete it and rerun anomaly_adapters for method 'anogen'") from e
+    return read_adapter_record(Path(dt_dir) / INFO_FILE, "anogen", missing_ok)
 
 
 @dataclass

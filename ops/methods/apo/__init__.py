@@ -45,7 +45,6 @@ Choices where the paper is vague (see also the two helper modules):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -60,10 +59,10 @@ from ops.atomic import write_bytes_atomic
 from ops.diffusion import lora
 from ops.diffusion.training import train
 from ops.diffusion.vae import encode
-from ops.manifest import dumps
 from ops.methods.apo.loss import check_small_t, cpo_batch
 from ops.methods.apo.sampling import LoRAGate, generate, refine_target_mask, threshold_map
-from ops.methods.base import Method, MethodConfig, Progress, no_progress, render_prompt, support_by_type
+from ops.methods.base import (Method, MethodConfig, Progress, backbone_identity, no_progress, render_prompt,
+                              support_by_type, training_digest)
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
@@ -136,14 +135,8 @@ class APOConfig(MethodConfig):
 
 def config_hash(cfg: APOConfig, backbone: Any, samples: Sequence[Sample]) -> str:
     """What makes two trainings the same: training options, the backbone, and the exact support pixels."""
-    h = hashlib.sha256()
-    h.update(dumps({f: getattr(cfg, f) for f in TRAIN_FIELDS}).encode())
-    h.update(dumps({"model": backbone.model_id, "resolution": backbone.resolution, "format": FORMAT_VERSION,
-                    "T": backbone.scheduler.config.num_train_timesteps}).encode())
-    for s in sorted(samples, key=lambda s: s.image_id):
-        h.update(s.image_id.encode())
-        h.update(np.ascontiguousarray(s.image).tobytes())
-    return h.hexdigest()[:16]
+    return training_digest([{f: getattr(cfg, f) for f in TRAIN_FIELDS}, backbone_identity(backbone, FORMAT_VERSION)],
+                           samples, masks=False)
 
 
 def rank_schedule(cfg: APOConfig) -> tuple[int, int]:

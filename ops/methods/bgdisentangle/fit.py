@@ -18,7 +18,6 @@ Choices:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import tempfile
@@ -27,7 +26,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from ops.atomic import write_bytes_atomic
@@ -35,8 +33,7 @@ from ops.diffusion import lora
 from ops.diffusion.blend import latent_mask
 from ops.diffusion.training import train
 from ops.diffusion.vae import encode
-from ops.manifest import dumps
-from ops.methods.base import Progress
+from ops.methods.base import Progress, backbone_identity, read_adapter_record, training_digest
 from ops.methods.bgdisentangle.conditioning import build, render
 from ops.methods.bgdisentangle.loss import loss_batch
 from ops.types import Sample
@@ -50,28 +47,13 @@ TRAIN_FIELDS = ("def_prompt", "m_prompt", "bg_prompt", "adapter", "rank", "lora_
 
 
 def config_hash(cfg: Any, backbone: Any, samples: Sequence[Sample]) -> str:
-    h = hashlib.sha256()
-    h.update(dumps({f: getattr(cfg, f) for f in TRAIN_FIELDS}).encode())
-    h.update(dumps({"model": backbone.model_id, "resolution": backbone.resolution, "format": FORMAT_VERSION,
-                    "T": backbone.scheduler.config.num_train_timesteps}).encode())
-    for s in sorted(samples, key=lambda s: s.image_id):
-        h.update(s.image_id.encode())
-        h.update(np.ascontiguousarray(s.image).tobytes())
-        h.update(np.packbits(s.mask).tobytes())
-    return h.hexdigest()[:16]
+    """What makes two trainings the same: training options, the backbone, the exact support pixels and masks."""
+    return training_digest([{f: getattr(cfg, f) for f in TRAIN_FIELDS}, backbone_identity(backbone, FORMAT_VERSION)],
+                           samples, masks=True)
 
 
 def read_info(dt_dir: Path, missing_ok: bool = False) -> dict[str, Any] | None:
-    path = Path(dt_dir) / INFO_FILE
-    if not path.is_file():
-        if missing_ok:
-            return None
-        raise FileNotFoundError(f"{path}: no finished bgdisentangle adapter here; materialize anomaly_adapters for "
-                                f"this category with method 'bgdisentangle' first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: unreadable ({e}); delete it and rerun anomaly_adapters for 'bgdisentangle'") from e
+    return read_adapter_record(Path(dt_dir) / INFO_FILE, "bgdisentangle", missing_ok)
 
 
 def check_plain_unet(unet: Any) -> None:

@@ -22,7 +22,6 @@ is used if the method has one, else ``demo`` (``ops.methods.base.MethodConfig``)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -30,11 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
-import numpy as np
-
 from ops.atomic import write_bytes_atomic
-from ops.manifest import dumps
-from ops.methods.base import Method, MethodConfig, Progress, no_progress
+from ops.methods.base import (Method, MethodConfig, Progress, backbone_identity, no_progress,
+                              read_adapter_record, training_digest)
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
 FORMAT_VERSION = 1
@@ -115,26 +112,14 @@ class CADiffConfig(MethodConfig):
 
 
 def config_hash(cfg: CADiffConfig, backbone: Any, samples: Sequence[Sample]) -> str:
-    """What makes two trainings the same: training options, the backbone, the exact support pixels and masks."""
-    h = hashlib.sha256()
-    h.update(dumps({f: getattr(cfg, f) for f in TRAIN_FIELDS}).encode())
-    h.update(dumps({"model": backbone.model_id, "resolution": backbone.resolution, "format": FORMAT_VERSION,
-                    "T": backbone.scheduler.config.num_train_timesteps}).encode())
-    for s in sorted(samples, key=lambda s: s.image_id):
-        h.update(f"{s.image_id}|{s.defect_type}".encode())
-        h.update(np.ascontiguousarray(s.image).tobytes())
-        h.update(np.packbits(s.mask).tobytes())
-    return h.hexdigest()[:16]
+    """What makes two trainings the same: training options, the backbone, the exact support pixels and masks (the
+    defect type is part of each sample's key: one adapter holds every type's token)."""
+    return training_digest([{f: getattr(cfg, f) for f in TRAIN_FIELDS}, backbone_identity(backbone, FORMAT_VERSION)],
+                           samples, masks=True, key=lambda s: f"{s.image_id}|{s.defect_type}")
 
 
 def read_info(out_dir: Path, missing_ok: bool = False) -> dict[str, Any] | None:
-    path = Path(out_dir) / INFO
-    if not path.is_file():
-        if missing_ok:
-            return None
-        raise FileNotFoundError(f"{path}: no finished CADiff adapter there; materialize anomaly_adapters for method "
-                                f"'cadiff' first")
-    return json.loads(path.read_text())
+    return read_adapter_record(Path(out_dir) / INFO, "cadiff", missing_ok)
 
 
 class CADiff(Method):
