@@ -183,20 +183,26 @@ def _portable_checkpoint(path: Path, workdir: Path) -> dict[str, Any]:
 
 
 class EpochSeeds(Callback):
-    """Reseed torch / numpy / random from (seed, epoch) at each training epoch's start: the random crops and
+    """Reseed torch / numpy / random from (seed, epoch) at each training epoch's first batch: the random crops and
     dropout of epoch k are then the same whether the run started at epoch 0 or resumed at epoch k."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        from lightning.pytorch import seed_everything
-
-        seed_everything(self.seed * 1_000_003 + trainer.current_epoch, workers=True, verbose=False)
-        # the datamodule's sampler draws this epoch's order from it when the epoch's iterator is made (after
+        # the datamodule's sampler draws this epoch's order from it when the epoch's first batch is fetched (after
         # this hook); Lightning's own set_epoch counter restarts on resume
         if hasattr(trainer.datamodule, "epoch"):
             trainer.datamodule.epoch = trainer.current_epoch
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        from lightning.pytorch import seed_everything
+
+        # Seeded at the first batch, not at the epoch's start: making a DataLoader iterator draws its base seed
+        # from the global generator, and Lightning makes the first epoch's iterator before the epoch-start hook
+        # (a resumed run's first epoch) but later ones after it, so the generator would be one draw apart.
+        if batch_idx == 0:
+            seed_everything(self.seed * 1_000_003 + trainer.current_epoch, workers=True, verbose=False)
 
 
 class ResumePoint(Callback):

@@ -177,6 +177,18 @@ class FrameDataset(AnomalibDataset):
         self.samples = samples
 
     @property
+    def samples(self) -> pd.DataFrame:
+        return AnomalibDataset.samples.fget(self)
+
+    @samples.setter
+    def samples(self, samples: pd.DataFrame) -> None:
+        # anomalib's setter sorts by absolute image_path: where the storage and dataset roots live would then decide
+        # the row order, so the training batches (a storage root at /x/clean vs /x/killed sorts synthetic rows
+        # before or after the real ones). build_samples' order depends only on the manifests: keep it.
+        AnomalibDataset.samples.fset(self, samples)
+        self._samples = samples.reset_index(drop=True)
+
+    @property
     def name(self) -> str:
         return self._name
 
