@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from ops.metrics.ic_lpips import assign_clusters, ic_ad, ic_dfm
+from ops.metrics.ic_lpips import assign_clusters, block_size, ic_ad, ic_dfm, pair_matrix
 
 
 class AbsDistance:
@@ -88,3 +88,44 @@ def test_ad_seeded_subsampling_follows_the_documented_rule():
 def test_no_centre_is_a_clear_error():
     with pytest.raises(ValueError, match="cluster centre"):
         ic_ad([1.0], [], AbsDistance())
+
+
+class WideDistance(AbsDistance):
+    """AbsDistance with ``width`` float64 features per item (so a byte budget bites) that records the size of
+    every embed call."""
+
+    def __init__(self, width: int = 1000, **kw):
+        super().__init__(**kw)
+        self.width, self.calls = width, []
+
+    def embed(self, items):
+        items = list(items)
+        self.calls.append(len(items))
+        return np.repeat(np.asarray(items, dtype=float)[:, None], self.width, axis=1)
+
+    def pairwise(self, fa, fb):
+        return super().pairwise(fa[:, 0], fb[:, 0])
+
+
+def test_blocked_pair_matrix_equals_the_whole_one_ordered_pairs_included():
+    items = list(np.random.default_rng(3).uniform(0, 10, 21))
+    dist = AbsDistance(up=2.0, down=1.0)  # asymmetric: d[j, i] must come from pairwise(j, i), not a transpose
+    expected = np.array([[dist.pairwise(np.array([a]), np.array([b]))[0, 0] for b in items] for a in items])
+    np.testing.assert_array_equal(pair_matrix(items, dist, block=21), expected)
+    np.testing.assert_array_equal(pair_matrix(items, dist, block=8), expected)
+
+
+def test_ic_features_held_at_once_follow_the_budget_not_the_cluster_size():
+    per_item = 1000 * 8
+    budget = 3 * 16 * per_item  # two blocks and a temporary of 16 items
+    generated = list(np.random.default_rng(4).uniform(0, 4, 100))  # one cluster of 100 around centre 0
+    assert block_size(generated, WideDistance(), budget) == 16
+    small, whole = WideDistance(), WideDistance()
+    r = ic_dfm(generated, [0.0, 100.0], small, cap=200, budget_bytes=budget)
+    ref = ic_dfm(generated, [0.0, 100.0], whole, cap=200, budget_bytes=10 ** 12)
+    assert r.sizes == ref.sizes == (100, 0) and r.value == pytest.approx(ref.value, rel=1e-12)
+    assert max(small.calls) == 16 and max(whole.calls) == 100
+    a = ic_ad(generated, [0.0], small, max_members=50, budget_bytes=budget)
+    assert a.value == pytest.approx(ic_ad(generated, [0.0], whole, max_members=50, budget_bytes=10 ** 12).value,
+                                    rel=1e-12)
+    assert max(small.calls) == 16

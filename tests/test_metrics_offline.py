@@ -87,6 +87,29 @@ def test_lpips_trunk_comes_from_the_file_and_cached_distance_equals_lpips(tmp_pa
     assert mine[0, 1] > 0 and abs(mine[0, 0]) < 1e-9
 
 
+def test_pairwise_product_form_equals_the_direct_sum_over_channels_and_pixels(lite0):
+    """pairwise() expands sum_c w_c (a - b)^2 into products; it must equal the direct float64 sum, weights and the
+    per-layer pixel mean included, for rectangular (len a != len b) inputs and across channel chunks."""
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(5)]
+    dist = features.lite0_distance(lite0, size=64)
+    fa, fb = dist.embed(imgs[:2]), dist.embed(imgs[2:])
+    dist._w = [torch.rand(f.shape[1], generator=torch.Generator().manual_seed(k)) for k, f in enumerate(fa)]
+
+    def direct(i, j):
+        return sum(float(((a[i].double() - b[j].double()) ** 2 * w.double().view(-1, 1, 1)).sum(0).mean())
+                   for a, b, w in zip(fa, fb, dist._w))
+
+    expected = np.array([[direct(i, j) for j in range(3)] for i in range(2)])
+    np.testing.assert_allclose(dist.pairwise(fa, fb), expected, rtol=1e-10, atol=1e-14)
+    old_chunk = features.PAIRWISE_CHUNK_ELEMENTS
+    try:  # one channel per chunk: the chunked sums must add up to the same
+        features.PAIRWISE_CHUNK_ELEMENTS = 1
+        np.testing.assert_allclose(dist.pairwise(fa, fb), expected, rtol=1e-10, atol=1e-14)
+    finally:
+        features.PAIRWISE_CHUNK_ELEMENTS = old_chunk
+
+
 def test_wrong_weight_file_is_a_clear_error(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / weights.vgg16_file())
     with pytest.raises(RuntimeError, match="features.0.weight"):

@@ -102,6 +102,9 @@ def _unit(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + eps)
 
 
+PAIRWISE_CHUNK_ELEMENTS = 1 << 23  # 64 MB of float64 per operand chunk in PerceptualDistance.pairwise
+
+
 class PerceptualDistance:
     """A perceptual distance with per-image feature caching: ``embed`` once, ``pairwise``/``paired`` many times."""
 
@@ -133,8 +136,25 @@ class PerceptualDistance:
 
     @torch.no_grad()
     def pairwise(self, fa: list[torch.Tensor], fb: list[torch.Tensor]) -> np.ndarray:
-        n = fa[0].shape[0]
-        return torch.stack([self._row(fa, i, fb) for i in range(n)]).cpu().numpy().reshape(n, fb[0].shape[0])
+        """All d(a, b) as one matrix product per layer: sum_c w_c (a - b)^2 = sum w a^2 + sum w b^2 - 2 sum (w a) b,
+        averaged over the layer's pixels, in float64 (the expansion cancels; float64 keeps it ~1e-12 of the
+        direct form). A product reads each feature once where the direct form streams all of ``fb`` per row of
+        ``fa``: ~10x faster for VGG at 256 px, and no (len a, len b, C, H, W) temporary."""
+        total = torch.zeros((fa[0].shape[0], fb[0].shape[0]), dtype=torch.float64, device=fa[0].device)
+        for k, (a, b) in enumerate(zip(fa, fb)):
+            hw = a.shape[2] * a.shape[3]
+            w = self._w[k].double() if self._w is not None else None
+            layer = torch.zeros_like(total)
+            # channel chunks: float64 copies of (len a + len b) x chunk columns stay near PAIRWISE_CHUNK_ELEMENTS
+            step = max(1, PAIRWISE_CHUNK_ELEMENTS // ((a.shape[0] + b.shape[0]) * hw))
+            for c0 in range(0, a.shape[1], step):
+                ca = a[:, c0:c0 + step].reshape(a.shape[0], -1).double()
+                cb = b[:, c0:c0 + step].reshape(b.shape[0], -1).double()
+                wa = ca if w is None else ca * w[c0:c0 + step].repeat_interleave(hw)
+                wb = cb if w is None else cb * w[c0:c0 + step].repeat_interleave(hw)
+                layer += (wa * ca).sum(1)[:, None] + (wb * cb).sum(1)[None, :] - 2.0 * (wa @ cb.T)
+            total += layer / hw
+        return total.clamp_min_(0.0).cpu().numpy()
 
     @torch.no_grad()
     def paired(self, fa: list[torch.Tensor], fb: list[torch.Tensor]) -> np.ndarray:

@@ -18,8 +18,14 @@ Symmetric distances make the ordered-pair mean equal to the i<j mean; both are c
 
 The distance is any object with ``embed(items) -> features`` and ``pairwise(fa, fb) -> ndarray (len a, len b)``
 (:class:`ops.metrics.features.PerceptualDistance` for LPIPS / EfficientNet-Lite0; tests inject exact ones).
-Generated items are embedded in chunks for the assignment and re-embedded per cluster, so memory holds at most one
-cluster's features (VGG features at 256 px are ~32 MB per image).
+
+Memory is bounded by ``budget_bytes`` (``QualityConfig.ic_feature_mb``), not by the partition or cluster size:
+features are large (VGG at 256 px: ~32 MB an image, so a 50-member cluster held whole is 1.6 GB), so items are
+embedded a block at a time. The block is sized from one item's measured features so that two blocks and one
+pairwise temporary fit the budget, in whole embedding batches (:data:`EMBED_BATCH`), so every image is embedded in
+the same batch company as when the set is embedded whole. A cluster that does not fit is computed block pair by
+block pair, re-embedding the column blocks (up to (blocks + 1) / 2 times the embedding work; entries agree with
+the whole-set matrix to float64 rounding, ~1e-13); one that fits is embedded once. Items are read from their sequence only when embedded.
 """
 from __future__ import annotations
 
@@ -47,11 +53,47 @@ class ICResult:
     details: dict = field(default_factory=dict)
 
 
+EMBED_BATCH = 8  # the perceptual distances' embedding batch (PerceptualDistance.batch_size)
+DEFAULT_BUDGET = 512 * 2 ** 20
+
+
+def _nbytes(features: Any) -> int:
+    if isinstance(features, (list, tuple)):
+        return sum(_nbytes(f) for f in features)
+    return int(getattr(features, "nbytes", 0))
+
+
+def block_size(items: Sequence[Any], distance: Distance, budget_bytes: int) -> int:
+    """Items per block: two blocks' features and a pairwise temporary within ``budget_bytes``, measured on one
+    item, in whole embedding batches (at least one)."""
+    if len(items) <= EMBED_BATCH:
+        return max(len(items), 1)
+    per_item = max(_nbytes(distance.embed(items[:1])), 1)
+    return max(EMBED_BATCH, int(budget_bytes // (3 * per_item)) // EMBED_BATCH * EMBED_BATCH)
+
+
+class Picked(Sequence):
+    """``items[indices]`` without reading them: an index or a slice reads only what it names."""
+
+    def __init__(self, items: Sequence[Any], indices: Sequence[int]):
+        self._items, self._indices = items, list(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._items[j] for j in self._indices[i]]
+        return self._items[self._indices[i]]
+
+
 def assign_clusters(generated: Sequence[Any], centers: Sequence[Any], distance: Distance,
-                    chunk: int = 32) -> np.ndarray:
-    """Index of the nearest centre for every generated item (ties -> lowest centre index)."""
+                    chunk: int | None = None, budget_bytes: int = DEFAULT_BUDGET) -> np.ndarray:
+    """Index of the nearest centre for every generated item (ties -> lowest centre index); ``chunk`` items are
+    embedded at a time (default: as many as ``budget_bytes`` allows)."""
     if not len(centers):
         raise ValueError("IC-LPIPS needs at least one cluster centre (support image) per defect type")
+    chunk = chunk or block_size(generated, distance, budget_bytes)
     fc = distance.embed(centers)
     out = []
     for i in range(0, len(generated), chunk):
@@ -60,14 +102,34 @@ def assign_clusters(generated: Sequence[Any], centers: Sequence[Any], distance: 
     return np.concatenate(out) if out else np.zeros(0, dtype=int)
 
 
-def _pair_matrix(items: Sequence[Any], distance: Distance) -> np.ndarray:
-    f = distance.embed(items)
-    return np.asarray(distance.pairwise(f, f), dtype=np.float64)
+def pair_matrix(items: Sequence[Any], distance: Distance, budget_bytes: int = DEFAULT_BUDGET,
+                block: int | None = None) -> np.ndarray:
+    """d(items[i], items[j]) for all i, j, holding at most two blocks' features (``block`` items each; default
+    from ``budget_bytes``); entries agree with the whole-set computation to float64 rounding."""
+    n = len(items)
+    block = block or block_size(items, distance, budget_bytes)
+    if block >= n:
+        f = distance.embed(items[:n])
+        return np.asarray(distance.pairwise(f, f), dtype=np.float64)
+    d = np.empty((n, n), dtype=np.float64)
+    starts = range(0, n, block)
+    for i in starts:
+        rows = slice(i, min(i + block, n))
+        fi = distance.embed(items[rows])
+        d[rows, rows] = distance.pairwise(fi, fi)
+        for j in (s for s in starts if s > i):
+            cols = slice(j, min(j + block, n))
+            fj = distance.embed(items[cols])
+            d[rows, cols] = distance.pairwise(fi, fj)
+            d[cols, rows] = distance.pairwise(fj, fi)  # not assumed symmetric (ordered pairs, as specified)
+            del fj
+    return d
 
 
 def ic_ad(generated: Sequence[Any], centers: Sequence[Any], distance: Distance, max_members: int = 50,
-          seed: int = 0, assignment: np.ndarray | None = None) -> ICResult:
-    labels = assign_clusters(generated, centers, distance) if assignment is None else np.asarray(assignment)
+          seed: int = 0, assignment: np.ndarray | None = None, budget_bytes: int = DEFAULT_BUDGET) -> ICResult:
+    labels = (assign_clusters(generated, centers, distance, budget_bytes=budget_bytes) if assignment is None
+              else np.asarray(assignment))
     sizes, values = [], []
     for k in range(len(centers)):
         members = np.flatnonzero(labels == k)
@@ -76,7 +138,7 @@ def ic_ad(generated: Sequence[Any], centers: Sequence[Any], distance: Distance, 
         if len(members) < 2:
             values.append(math.nan)
             continue
-        d = _pair_matrix([generated[i] for i in members], distance)
+        d = pair_matrix(Picked(generated, members), distance, budget_bytes)
         iu = np.triu_indices(len(members), k=1)
         values.append(float(d[iu].mean()))
     kept = [v for v in values if not math.isnan(v)]
@@ -87,8 +149,9 @@ def ic_ad(generated: Sequence[Any], centers: Sequence[Any], distance: Distance, 
 
 
 def ic_dfm(generated: Sequence[Any], centers: Sequence[Any], distance: Distance, cap: int = 200,
-           assignment: np.ndarray | None = None) -> ICResult:
-    labels = assign_clusters(generated, centers, distance) if assignment is None else np.asarray(assignment)
+           assignment: np.ndarray | None = None, budget_bytes: int = DEFAULT_BUDGET) -> ICResult:
+    labels = (assign_clusters(generated, centers, distance, budget_bytes=budget_bytes) if assignment is None
+              else np.asarray(assignment))
     sizes, values = [], []
     for k in range(len(centers)):
         members = np.flatnonzero(labels == k)[:cap]  # generation order: the first `cap` arrivals are kept
@@ -96,7 +159,7 @@ def ic_dfm(generated: Sequence[Any], centers: Sequence[Any], distance: Distance,
         if len(members) <= 1:
             values.append(0.0)
             continue
-        d = _pair_matrix([generated[i] for i in members], distance)
+        d = pair_matrix(Picked(generated, members), distance, budget_bytes)
         off = ~np.eye(len(members), dtype=bool)
         values.append(float(d[off].sum() / (len(members) * (len(members) - 1))))
     nonzero = [v for v in values if v != 0.0]

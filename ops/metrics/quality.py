@@ -99,11 +99,14 @@ class QualityConfig(MethodConfig):
     ic_size: int = 256
     ic_ad_members: int = 50
     ic_dfm_cap: int = 200
+    ic_feature_mb: int = 512  # perceptual features held at once by IC metrics (blocks: ops.metrics.ic_lpips)
     bg_margin: int = 3
     psnr_cap: float = 100.0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.ic_feature_mb <= 0:
+            raise ValueError(f"quality config: ic_feature_mb={self.ic_feature_mb}; give a positive number of MB")
         if self.real_reference not in ("all", "support", "holdout"):
             raise ValueError(f"quality config: real_reference={self.real_reference!r}; use all, support or holdout")
 
@@ -219,15 +222,16 @@ def _ic_block(dist: PerceptualDistance | str, gen: list[np.ndarray], centers: li
     info: dict[str, Any] = {}
     if isinstance(dist, str) or not centers or not gen:
         return vals, info
-    labels = assign_clusters(gen, centers, dist)
+    budget = cfg.ic_feature_mb * 2 ** 20
+    labels = assign_clusters(gen, centers, dist, budget_bytes=budget)
     if "ad" in variants:
-        r = ic_ad(gen, centers, dist, cfg.ic_ad_members, cfg.seed, assignment=labels)
+        r = ic_ad(gen, centers, dist, cfg.ic_ad_members, cfg.seed, assignment=labels, budget_bytes=budget)
         vals["ad"], info["ad"] = r.value, list(r.sizes)
     if "dfm" in variants:
-        r = ic_dfm(gen, centers, dist, cfg.ic_dfm_cap, assignment=labels)
+        r = ic_dfm(gen, centers, dist, cfg.ic_dfm_cap, assignment=labels, budget_bytes=budget)
         vals["dfm"], vals["dfm_rz"], info["dfm"] = r.value, r.value_rz, list(r.sizes)
     if "a" in variants:
-        r = ic_ad(gen_masked, centers_masked, dist, cfg.ic_ad_members, cfg.seed)
+        r = ic_ad(gen_masked, centers_masked, dist, cfg.ic_ad_members, cfg.seed, budget_bytes=budget)
         vals["a"], info["a"] = r.value, list(r.sizes)
     return vals, info
 
