@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from ops import generation
 from ops.ingest import ingest_category

@@ -110,6 +110,19 @@ def test_pairwise_product_form_equals_the_direct_sum_over_channels_and_pixels(li
         features.PAIRWISE_CHUNK_ELEMENTS = old_chunk
 
 
+def test_pairwise_of_identical_images_is_exactly_zero(lite0):
+    """The product form leaves a ~1e-15 residue for identical features; DFMGAN's clpips_rz drops clusters whose value
+    is exactly 0, so identical images must give 0.0, and a one-level change of one pixel must not."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    b = a.copy()
+    b[20, 20, 0] += 1
+    dist = features.lite0_distance(lite0, size=64)
+    d = dist.pairwise(*[dist.embed([a, a, b])] * 2)
+    assert d[0, 1] == 0.0 and d[1, 0] == 0.0 and d[0, 0] == 0.0
+    assert d[0, 2] > 0.0 and d[2, 1] > 0.0
+
+
 def test_wrong_weight_file_is_a_clear_error(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / weights.vgg16_file())
     with pytest.raises(RuntimeError, match="features.0.weight"):

@@ -195,6 +195,11 @@ class EpochSeeds(Callback):
         if hasattr(trainer.datamodule, "epoch"):
             trainer.datamodule.epoch = trainer.current_epoch
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        # a resumed run makes its first iterator before the epoch-start hook: the epoch is right already then
+        if hasattr(trainer.datamodule, "epoch"):
+            trainer.datamodule.epoch = int(checkpoint.get("epoch", 0))
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         from lightning.pytorch import seed_everything
 

@@ -245,8 +245,9 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
 
 class EpochSeededSampler(WeightedRandomSampler):
     """Weighted draws with replacement whose order depends only on (seed, epoch), the epoch read from
-    ``epoch_of()`` when the epoch's iterator is made (the datamodule's ``epoch``, set by the training's
-    ``EpochSeeds`` callback from the trainer's restored epoch), so a training resumed at an epoch start draws
+    ``epoch_of()`` when the epoch's first batch is drawn (the datamodule's ``epoch``, set by the training's
+    ``EpochSeeds`` callback at each epoch start and from a resumed checkpoint; ``num_workers`` stays 0, so no
+    worker asks for indices earlier), so a training resumed at an epoch start draws
     exactly the batches an uninterrupted one would (a generator carried across epochs would restart at epoch
     0's order, and Lightning's own ``set_epoch`` counter restarts on resume)."""
 
