@@ -156,7 +156,7 @@ class PerceptualDistance:
             layer = torch.zeros_like(total)
             # channel chunks: the float64 copies ((len a + len b) x chunk columns, and their weighted twins) stay
             # near PAIRWISE_CHUNK_ELEMENTS elements each
-            step = max(1, PAIRWISE_CHUNK_ELEMENTS // ((a.shape[0] + (0 if same else b.shape[0])) * hw))
+            step = max(1, PAIRWISE_CHUNK_ELEMENTS // ((a.shape[0] + b.shape[0]) * hw))
             for c0 in range(0, a.shape[1], step):
                 ca = a[:, c0:c0 + step].reshape(a.shape[0], -1).double()
                 wc = None if w is None else w[c0:c0 + step].repeat_interleave(hw)
