@@ -1,6 +1,6 @@
 """Benchmark: peak resident memory of generation + metrics as ``n_per_partition`` grows 1x, 10x, 100x.
 
-    python bench/bench_memory.py [--n 4] [--scales 1,10,100] [--method cutpaste] [--size 64] [--chunk 32]
+    python bench/bench_memory.py [--n 16] [--scales 1,10,100] [--method cutpaste] [--size 64] [--chunk 32] [--ic-feature-mb 512]
 
 Each point runs in a fresh subprocess (peak RSS is a high-water mark: it never goes down inside one process):
 the demo dataset's "brick" category at ``--size`` px, its default split, then ``fit_adapter`` +
@@ -11,7 +11,10 @@ metrics on the offline EfficientNet-Lite0 backbone, loaded before the floor is t
 (the floor: torch, pandas, PIL, the metric networks), after generation and after the metrics; the table gives
 them and each point's growth (peak - floor) as a ratio to the 1x point's, measured in this run on this machine.
 Flat memory means ratios near 1 while n grows 100x. Writes bench/out/bench_memory.json
-(gitignored). Defaults are small (4 -> 400 images of 64 px) so that it runs in a few minutes on 2 shared cores.
+(gitignored). The 1x point is one full batch of the metric networks (16): below it a point's batches are smaller,
+and their activations would read as growth with n. The metrics use QualityConfig's defaults (``ic_size`` 256,
+``ic_feature_mb`` 512: the IC metrics' feature budget, so growth stops once a cluster's features exceed it).
+16 -> 1600 images of 64 px take about 25 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def rss_mb():
 tmp, n, method, size, chunk = {tmp!r}, {n}, {method!r}, {size}, {chunk}
 root = build_demo_dataset(os.path.join(tmp, "data"), categories=["brick"], size=size)
 split = make_split(ingest_category(root, "brick").rows)
-qcfg = QualityConfig()
+qcfg = QualityConfig(ic_feature_mb={ic_mb})
 nets = load_backbones(None, qcfg)
 nets.lite0.pooled_and_logits([split_image(split)])  # networks built and run once: part of the floor
 floor = rss_mb()
@@ -66,9 +69,9 @@ print(json.dumps({{"n": n, "floor_mb": floor, "generation_mb": after_generation,
 """
 
 
-def run_point(n: int, method: str, size: int, chunk: int) -> dict:
+def run_point(n: int, method: str, size: int, chunk: int, ic_mb: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_memory-") as tmp:
-        code = CHILD.format(repo=str(REPO), tmp=tmp, n=n, method=method, size=size, chunk=chunk)
+        code = CHILD.format(repo=str(REPO), tmp=tmp, n=n, method=method, size=size, chunk=chunk, ic_mb=ic_mb)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
         if out.returncode != 0:
@@ -78,11 +81,12 @@ def run_point(n: int, method: str, size: int, chunk: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=4, help="base n_per_partition (the 1x point)")
+    parser.add_argument("--n", type=int, default=16, help="base n_per_partition (the 1x point)")
     parser.add_argument("--scales", default="1,10,100")
     parser.add_argument("--method", default="cutpaste", help="a baseline (no diffusion backbone needed)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=32, help="synthesize_partition chunk_size")
+    parser.add_argument("--ic-feature-mb", type=int, default=512, help="QualityConfig.ic_feature_mb (the default)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from ops.atomic import write_bytes_atomic
@@ -92,7 +96,7 @@ def main() -> None:
     points = []
     for scale in [int(s) for s in args.scales.split(",")]:
         t0 = time.monotonic()
-        p = run_point(args.n * scale, args.method, args.size, args.chunk)
+        p = run_point(args.n * scale, args.method, args.size, args.chunk, args.ic_feature_mb)
         p["seconds"] = time.monotonic() - t0
         p.update(scale=scale, growth_mb=p["peak_mb"] - p["floor_mb"])
         points.append(p)
@@ -104,7 +108,8 @@ def main() -> None:
     df = pd.DataFrame(points)[["scale", "n", "floor_mb", "generation_mb", "refine_mb", "peak_mb", "growth_mb",
                                "growth_ratio", "seconds"]]
     print(markdown_table(df.round(2)))
-    result = {"method": args.method, "size": args.size, "chunk": args.chunk, "machine": platform.platform(),
+    result = {"method": args.method, "size": args.size, "chunk": args.chunk, "ic_feature_mb": args.ic_feature_mb,
+              "machine": platform.platform(),
               "python": platform.python_version(), "points": points,
               "note": "peak RSS (ru_maxrss) per fresh process; ratios against the 1x point of this run"}
     write_bytes_atomic(REPO / "bench" / "out" / "bench_memory.json", json.dumps(result, indent=2).encode())
