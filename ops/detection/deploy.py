@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
