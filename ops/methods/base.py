@@ -102,6 +102,28 @@ def read_adapter_record(path: Path, method: str, missing_ok: bool = False) -> di
                          f"{method!r}") from e
 
 
+def fit_each_type(label: str, by_type: dict[str, list[Sample]], out_dir: Path, progress: Progress,
+                  fit_one: Callable[[str, list[Sample], Path], Any]) -> dict[str, Any]:
+    """defect type -> ``fit_one(type, its samples, out_dir/<type>)``, in sorted type order, reporting progress as
+    ``label`` (types done / all); the type names a folder, so it must be a safe name."""
+    from ops.storage import check_name
+
+    types = {}
+    for i, (dt, samples) in enumerate(sorted(by_type.items())):
+        progress(label, i, len(by_type))
+        types[dt] = fit_one(dt, samples, Path(out_dir) / check_name(dt, "defect type"))
+    progress(label, len(by_type), len(by_type))
+    return types
+
+
+def loss_summary(losses: Sequence[float]) -> dict[str, float | None]:
+    """The first loss and the mean of the last five, as adapter records show them (None without training)."""
+    import numpy as np
+
+    return {"loss_first": losses[0] if len(losses) else None,
+            "loss_last5": float(np.mean(losses[-5:])) if len(losses) else None}
+
+
 def support_by_type(owner: str, support: Sequence[Sample], need_mask: bool = False
                     ) -> tuple[str, dict[str, list[Sample]]]:
     """(category, defect type -> its support samples) for a method that trains per defect type; a normal image (or,

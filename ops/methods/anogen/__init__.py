@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from ops.methods.anogen.embedding import FitSettings, fit_token, load_token, read_info
-from ops.methods.base import Method, MethodConfig, Progress, no_progress, support_by_type
+from ops.methods.base import (Method, MethodConfig, Progress, fit_each_type, loss_summary, no_progress,
+                              support_by_type)
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
@@ -120,17 +121,15 @@ class AnoGen(Method):
             progress: Progress = no_progress) -> Adapter:
         category, by_type = support_by_type("AnoGen", support)
         out_dir = Path(out_dir)
-        types = {}
-        for i, (dt, samples) in enumerate(sorted(by_type.items())):
-            progress(f"anogen {category}: embeddings", i, len(by_type))
+
+        def fit_type(dt: str, samples: list[Sample], dt_dir: Path) -> dict[str, Any]:
             res = fit_token(backbone, category, dt, sorted(samples, key=lambda s: s.image_id), cfg.fit_settings(),
-                            out_dir / check_name(dt, "defect type"), progress, masked=cfg.masked)
-            losses = res.info["losses"]
-            types[dt] = {"token": res.info["token"], "prompt": res.info["prompt"], "file": res.info["file"],
-                         "settings_hash": res.info["settings_hash"], "steps": res.info["steps"],
-                         "loss_first": losses[0] if losses else None,
-                         "loss_last5": float(np.mean(losses[-5:])) if losses else None, "skipped": res.skipped}
-        progress(f"anogen {category}: embeddings", len(by_type), len(by_type))
+                            dt_dir, progress, masked=cfg.masked)
+            return {"token": res.info["token"], "prompt": res.info["prompt"], "file": res.info["file"],
+                    "settings_hash": res.info["settings_hash"], "steps": res.info["steps"],
+                    **loss_summary(res.info["losses"]), "skipped": res.skipped}
+
+        types = fit_each_type(f"anogen {category}: embeddings", by_type, out_dir, progress, fit_type)
         if out_dir.is_dir():
             for p in out_dir.iterdir():
                 if p.is_dir() and p.name not in types:

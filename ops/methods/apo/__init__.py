@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from ops.atomic import write_bytes_atomic
@@ -61,8 +60,8 @@ from ops.diffusion.training import train
 from ops.diffusion.vae import encode
 from ops.methods.apo.loss import check_small_t, cpo_batch
 from ops.methods.apo.sampling import LoRAGate, generate, refine_target_mask, threshold_map
-from ops.methods.base import (Method, MethodConfig, Progress, backbone_identity, no_progress, render_prompt,
-                              support_by_type, training_digest)
+from ops.methods.base import (Method, MethodConfig, Progress, backbone_identity, fit_each_type, loss_summary,
+                              no_progress, render_prompt, support_by_type, training_digest)
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
@@ -157,12 +156,9 @@ class APO(Method):
             progress: Progress = no_progress) -> Adapter:
         category, by_type = support_by_type("APO", support)
         out_dir = Path(out_dir)
-        types = {}
-        for i, (dt, samples) in enumerate(sorted(by_type.items())):
-            progress(f"apo {category}: adapters", i, len(by_type))
-            types[dt] = self._fit_one(backbone, category, dt, samples, cfg, out_dir / check_name(dt, "defect type"),
-                                      progress)
-        progress(f"apo {category}: adapters", len(by_type), len(by_type))
+        types = fit_each_type(f"apo {category}: adapters", by_type, out_dir, progress,
+                              lambda dt, samples, dt_dir: self._fit_one(backbone, category, dt, samples, cfg, dt_dir,
+                                                                        progress))
         meta = {"trained": True, "defect_types": types, "preset": cfg.preset,
                 "training": {f: getattr(cfg, f) for f in TRAIN_FIELDS}}
         return Adapter(method=self.name, category=category, path=out_dir, meta=meta)
@@ -291,9 +287,6 @@ def read_taca(dt_dir: Path, missing_ok: bool = False) -> dict[str, Any] | None:
 
 
 def _summary(dt: str, info: dict[str, Any], skipped: bool) -> dict[str, Any]:
-    losses = info.get("losses") or []
-    tail = losses[-5:]
     return {"dir": dt, "config_hash": info["config_hash"], "prompt": info["prompt"], "steps": info["train_steps"],
-            "loss_first": losses[0] if losses else None, "loss_last5": float(np.mean(tail)) if tail else None,
-            "skipped": skipped, "k_min": info["k_min"], "k_max": info["k_max"], "rank": info["rank"]}
+            **loss_summary(info.get("losses") or []), "skipped": skipped, "k_min": info["k_min"], "k_max": info["k_max"], "rank": info["rank"]}
 

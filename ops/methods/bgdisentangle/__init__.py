@@ -38,7 +38,8 @@ import torch
 
 from ops.diffusion import lora
 from ops.diffusion.vae import decode, encode, image_key
-from ops.methods.base import Method, MethodConfig, Progress, no_progress, support_by_type
+from ops.methods.base import (Method, MethodConfig, Progress, fit_each_type, loss_summary, no_progress,
+                              support_by_type)
 from ops.methods.bgdisentangle.conditioning import (BG_PROMPT, DEF_PROMPT, M_PROMPT, Conditioning, build,
                                                     check_template)
 from ops.methods.bgdisentangle.fit import TRAIN_FIELDS, adapted, fit_one, read_info
@@ -111,16 +112,13 @@ class BgDisentangle(Method):
             progress: Progress = no_progress) -> Adapter:
         category, by_type = support_by_type("BgDisentangle", support, need_mask=True)
         out_dir = Path(out_dir)
-        types = {}
-        for i, (dt, samples) in enumerate(sorted(by_type.items())):
-            progress(f"bgdisentangle {category}: adapters", i, len(by_type))
-            info = fit_one(backbone, category, dt, samples, cfg, out_dir / check_name(dt, "defect type"), progress)
-            losses = info.get("losses") or []
-            types[dt] = {"dir": dt, "config_hash": info["config_hash"], "adapter": info["adapter"],
-                         "steps": info["train_steps"], "skipped": info["skipped"],
-                         "loss_first": losses[0] if losses else None,
-                         "loss_last5": float(np.mean(losses[-5:])) if losses else None}
-        progress(f"bgdisentangle {category}: adapters", len(by_type), len(by_type))
+
+        def fit_type(dt: str, samples: list[Sample], dt_dir: Path) -> dict[str, Any]:
+            info = fit_one(backbone, category, dt, samples, cfg, dt_dir, progress)
+            return {"dir": dt, "config_hash": info["config_hash"], "adapter": info["adapter"],
+                    "steps": info["train_steps"], "skipped": info["skipped"], **loss_summary(info.get("losses") or [])}
+
+        types = fit_each_type(f"bgdisentangle {category}: adapters", by_type, out_dir, progress, fit_type)
         meta = {"trained": True, "defect_types": types, "preset": cfg.preset, "model_id": backbone.model_id,
                 "training": {f: getattr(cfg, f) for f in TRAIN_FIELDS}}
         return Adapter(method=self.name, category=category, path=out_dir, meta=meta)

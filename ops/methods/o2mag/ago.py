@@ -35,7 +35,7 @@ import torch
 from ops.atomic import canonical_safetensors, write_bytes_atomic
 from ops.diffusion.training import TrainResult, denoising_loss, train
 from ops.diffusion.vae import encode, image_key
-from ops.methods.base import Progress
+from ops.methods.base import Progress, loss_summary
 
 FORMAT_VERSION = 1
 TENSOR_NAME = "embedding"
@@ -142,8 +142,7 @@ def fit_reference(backbone: Any, image: np.ndarray, image_id: str, prompt: str, 
     losses = result.losses
     meta = {"format": FORMAT_VERSION, "key": key, "image_id": image_id, "image_sha256": summary["image_sha256"],
             "prompt": prompt, "model_id": backbone.model_id, "resolution": backbone.resolution,
-            **asdict(settings), "losses": losses, "loss_first": losses[0] if losses else None,
-            "loss_last5": float(np.mean(losses[-5:])) if losses else None}  # no timing: reruns give equal bytes
+            **asdict(settings), "losses": losses, **loss_summary(losses)}  # no timing: reruns give equal bytes
     save_embedding(path, emb, meta)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     if ckpt_dir.parent.is_dir() and not any(ckpt_dir.parent.iterdir()):
