@@ -15,14 +15,19 @@ from ops.progress import bars_disabled, progress_bar
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter at the repository root, with a bare environment and its own forge home."""
+    env = {"PATH": "/usr/bin:/bin", "ANOMALY_FORGE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
 def test_loading_the_code_location_prints_no_beta_or_preview_warning(tmp_path):
     code = ("import warnings, dagster as dg\n"
             "warnings.simplefilter('error', dg.BetaWarning)\n"
             "warnings.simplefilter('error', dg.PreviewWarning)\n"
             "import pipelines.definitions\n")
-    env = {"PATH": "/usr/bin:/bin", "ANOMALY_FORGE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = _run(code, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Warning" not in proc.stderr, proc.stderr[-2000:]
 
@@ -33,9 +38,7 @@ def test_library_deprecation_notices_are_quiet_where_the_code_location_is_loaded
     code = ("import warnings, pipelines.definitions\n"
             "warnings.warn('old_arg is deprecated', FutureWarning)\n"
             "warnings.warn('a behaviour change', FutureWarning)\n")
-    env = {"PATH": "/usr/bin:/bin", "ANOMALY_FORGE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = _run(code, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "deprecated" not in proc.stderr and "a behaviour change" in proc.stderr, proc.stderr[-2000:]
 

@@ -61,7 +61,7 @@ from ops.diffusion.vae import encode
 from ops.methods.apo.loss import check_small_t, cpo_batch
 from ops.methods.apo.sampling import LoRAGate, generate, refine_target_mask, threshold_map
 from ops.methods.base import (Method, MethodConfig, Progress, backbone_identity, fit_each_type, loss_summary,
-                              no_progress, render_prompt, support_by_type, training_digest)
+                              no_progress, read_adapter_record, render_prompt, support_by_type, training_digest)
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
 
@@ -274,16 +274,8 @@ def _check_no_other_adapters(unet: Any) -> None:
 
 
 def read_taca(dt_dir: Path, missing_ok: bool = False) -> dict[str, Any] | None:
-    path = Path(dt_dir) / "taca.json"
-    if not path.is_file():
-        if missing_ok:
-            return None
-        raise FileNotFoundError(f"{path}: no finished APO adapter here; materialize anomaly_adapters for this "
-                                f"category with method 'apo' first (it writes the LoRA and taca.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: unreadable ({e}); delete it and rerun anomaly_adapters for method 'apo'") from e
+    """A defect type's finished-adapter record (taca.json, written after its LoRA)."""
+    return read_adapter_record(Path(dt_dir) / "taca.json", "apo", missing_ok)
 
 
 def _summary(dt: str, info: dict[str, Any], skipped: bool) -> dict[str, Any]:
