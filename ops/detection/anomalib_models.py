@@ -3,7 +3,8 @@
 - ``segmenter``: the papers' focal-loss segmentation U-Net (:mod:`ops.detection.segmenter`).
 - ``supersimplenet``: ``Supersimplenet(supervised=True)``, the one anomalib model whose training step uses
   anomalous images and masks; it gets the synthetic anomalies through the custom datamodule.
-- ``draem``: DRAEM with the synthetic anomalies replacing its Perlin source (:class:`SyntheticDraem`).
+- ``draem``: DRAEM with the synthetic anomalies replacing its Perlin source (:class:`SyntheticDraem`); with
+  ``weak_tau`` its focal term gets AnoGen's weak rule (the paper trains DRAEM that way too).
 - ``patchcore``: one-class PatchCore on normal images only: the "no synthetic data" reference row.
 
 Choices recorded here:
@@ -40,7 +41,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from torchvision.transforms.v2 import functional as TF
 
 from ops.detection.backbones import OfflineBackbone, verify_backbone
-from ops.detection.segmenter import Segmenter
+from ops.detection.segmenter import Segmenter, weak_rows, weak_supervision_keep
 from ops.methods.base import Progress, no_progress
 
 DETECTORS = ("segmenter", "supersimplenet", "draem", "patchcore")
@@ -69,15 +70,18 @@ class SyntheticDraem(Draem):
     """DRAEM trained on the datamodule's normal + synthetic pairs instead of Perlin-noise anomalies."""
 
     def __init__(self, dtd_dir: str, recon_width: int = 128, disc_width: int = 64, lr: float = 1e-4,
-                 pre_processor: Any = True, evaluator: Any = True) -> None:
+                 weak_tau: float | None = None, pre_processor: Any = True, evaluator: Any = True) -> None:
         super().__init__(dtd_dir=dtd_dir, pre_processor=pre_processor, evaluator=evaluator, visualizer=False)
+        if weak_tau is not None and not 0.0 < weak_tau <= 1.0:
+            raise ValueError(f"weak_tau must lie in (0, 1], got {weak_tau}")
         del self.augmenter  # the Perlin source is replaced, never sampled
         if recon_width != 128:
             self.model.reconstructive_subnetwork = ReconstructiveSubNetwork(base_width=recon_width)
         if disc_width != 64:
             self.model.discriminative_subnetwork = DiscriminativeSubNetwork(in_channels=6, out_channels=2,
                                                                             base_width=disc_width)
-        self.lr = lr
+        self.lr, self.weak_tau = lr, weak_tau
+        self.weak_paths: set[str] | None = None  # image paths whose masks are boxes (None: all); set before training
         self.recon_paths: dict[str, str] = {}  # synthetic image path -> its source normal (set before training)
         self._recon_cache: dict[str, torch.Tensor] = {}
 
@@ -98,7 +102,13 @@ class SyntheticDraem(Draem):
     def training_step(self, batch: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         del args, kwargs
         reconstruction, prediction = self.model(batch.image)
-        loss = self.loss(self.reconstruction_targets(batch), reconstruction, batch.gt_mask.unsqueeze(1), prediction)
+        mask = batch.gt_mask
+        if self.weak_tau is not None:
+            # anomalib's DraemLoss takes no weights: dropped pixels get kornia's ignore label, which zeroes their
+            # focal term and keeps them in the mean, the segmenter's "loss set to 0"
+            keep = weak_supervision_keep(prediction, mask, self.weak_tau, weak_rows(self.weak_paths, batch.image_path))
+            mask = mask.long().masked_fill(keep == 0, self.loss.focal_loss.ignore_index)
+        loss = self.loss(self.reconstruction_targets(batch), reconstruction, mask.unsqueeze(1), prediction)
         self.log("train_loss", loss.item(), on_epoch=True, prog_bar=False, logger=False)
         return {"loss": loss}
 
@@ -126,7 +136,8 @@ def build_model(name: str, opts: dict[str, Any], image_size: int, backbone: Offl
     elif name == "draem":
         if not dtd_dir or not Path(dtd_dir).is_dir():
             raise ValueError(f"DRAEM needs an existing dtd_dir (may be empty) so that it does not download DTD; got {dtd_dir!r}")
-        return SyntheticDraem(dtd_dir=dtd_dir, pre_processor=_pre(image_size), evaluator=make_evaluator(True), **opts)
+        return SyntheticDraem(dtd_dir=dtd_dir, weak_tau=weak_tau, pre_processor=_pre(image_size),
+                              evaluator=make_evaluator(True), **opts)
     else:
         raise ValueError(f"unknown detector {name!r}; available: {', '.join(DETECTORS)}")
     verify_backbone(model, backbone)

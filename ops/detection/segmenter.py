@@ -87,6 +87,11 @@ def weak_supervision_keep(logits: torch.Tensor, box_mask: torch.Tensor, tau: flo
     return (~ignore).to(logits.dtype)
 
 
+def weak_rows(weak_paths: set[str] | None, image_paths: Any) -> torch.Tensor | None:
+    """The ``rows`` of :func:`weak_supervision_keep` for a batch: its images listed in ``weak_paths``."""
+    return None if weak_paths is None else torch.tensor([p in weak_paths for p in image_paths])
+
+
 class SegmenterNet(nn.Module):
     """DRAEM's discriminative U-Net on the image; eval mode returns anomalib's InferenceBatch."""
 
@@ -143,8 +148,7 @@ class Segmenter(AnomalibModule):
         images, masks = batch.image, batch.gt_mask
         if self.train_crop:
             images, masks = random_crops(images, masks, self.train_crop)
-        rows = None if self.weak_paths is None else torch.tensor([p in self.weak_paths for p in batch.image_path])
-        loss = self.loss(self.model(images), masks, rows)
+        loss = self.loss(self.model(images), masks, weak_rows(self.weak_paths, batch.image_path))
         self.log("train_loss", loss.item(), on_epoch=True, prog_bar=False, logger=False)
         return {"loss": loss}
 
