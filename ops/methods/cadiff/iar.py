@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ops.diffusion.attention import AttentionController, DelayedFocus, Reweight
+from ops.diffusion.attn_mask import peak_normalise
 from ops.diffusion.blend import LatentBlend, forward_noised, latent_mask
 from ops.diffusion.branches import BranchRunner
 from ops.diffusion.ddim import cfg_branches, ddim_grid, sample
@@ -139,8 +140,8 @@ def generate(backbone: Any, cond: torch.Tensor, uncond: torch.Tensor, token: int
         region = F.interpolate(m_lat.float(), size=size, mode="nearest")[0, 0].cpu().numpy() > 0
         image = np.where((region | mask)[..., None], image, normal)
     a = attn.float().cpu()
-    a = a / a.max().clamp_min(1e-12)
-    up = F.interpolate(a[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
+    up = F.interpolate(a[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    up = peak_normalise(up, mask)  # a peak outside the mask must not push every cell inside below the threshold
     refined = attention_mask(up, mask, s.refine_threshold)
     if refined.any():
         own, kind = refined, "target refined by attention"
