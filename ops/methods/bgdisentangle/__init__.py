@@ -1,5 +1,5 @@
-"""bg-disentangle ("Revisiting DDIM Inversion for Controlling Defect Generation by Disentangling the Background",
-papers/bg_disentangle_ddim_inversion.md) as the ``bgdisentangle`` generation method.
+"""bg-disentangle ("Revisiting DDIM Inversion for Controlling Defect Generation by Disentangling the Background")
+as the ``bgdisentangle`` generation method.
 
 ``fit``: per defect type of the category, the UNet (LoRA by default, every weight with ``adapter="full"``) is
 trained with the matching loss + background regulariser of eq. 5-7 under the masked cross-attention of eq. 10-11
@@ -17,6 +17,10 @@ Choices where the paper or the brief leave room (more in the sibling modules):
   ``paper`` preset), or the decoded pixels pasted onto the original normal image on the latent cells m touches
   (``background="normal"``, the ``demo`` preset: an untrained or small VAE cannot reproduce the background).
 - Mask: eq. 13 refined target; when the refinement leaves nothing, the target mask (recorded in ``params``).
+  ``threshold_rule``: ``"absolute"`` (default) compares the attention probabilities with ``threshold`` as the
+  paper writes eq. 13; ``"peak_in_mask"`` compares them relative to their peak inside the target (½ = half the
+  peak), which still refines when a token's probabilities stay below ½. A synthesis option: it is not part of
+  the adapter's training digest.
 - Presets: ``demo`` (default: LoRA rank 4, 8 steps at lr 1e-3, batch 2, 10 DDIM steps) is sized for the CPU
   demo; ``paper``: the UNet fine-tuned (DreamBooth-style, "full") for 500 iterations at lr 5e-6, batch 1, and
   50 DDIM steps, as the paper's experiments (it prints no learning rate or batch: DreamBooth's defaults).
@@ -43,8 +47,8 @@ from ops.methods.base import (Method, MethodConfig, Progress, fit_each_type, los
 from ops.methods.bgdisentangle.conditioning import (BG_PROMPT, DEF_PROMPT, M_PROMPT, Conditioning, build,
                                                     check_template)
 from ops.methods.bgdisentangle.fit import TRAIN_FIELDS, adapted, fit_one, read_info
-from ops.methods.bgdisentangle.sampling import (InversionCache, background_run, denoise, invert_masked, refine,
-                                                start_latents, target_latent_mask)
+from ops.methods.bgdisentangle.sampling import (THRESHOLD_RULES, InversionCache, background_run, denoise,
+                                                invert_masked, refine, start_latents, target_latent_mask)
 from ops.methods.o2mag.triag import generated_region
 from ops.storage import check_name
 from ops.types import Adapter, Sample, Synthetic, SynthesisJob
@@ -79,6 +83,7 @@ class BgDisentangleConfig(MethodConfig):
     steps: int = 10
     background: str = "generated"
     threshold: float = 0.5  # eq. 13
+    threshold_rule: str = "absolute"  # or "peak_in_mask" (THRESHOLD_RULES)
     cache_inversion: bool = True
     target_batch: int = 8
 
@@ -95,6 +100,9 @@ class BgDisentangleConfig(MethodConfig):
                              "steps >= 1, target_batch >= 1, ckpt_every >= 0")
         if not 0 < self.threshold < 1:
             raise ValueError(f"BgDisentangleConfig.threshold must lie in (0, 1), got {self.threshold}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"BgDisentangleConfig.threshold_rule must be one of {THRESHOLD_RULES}, got "
+                             f"{self.threshold_rule!r}")
         for f in ("def_prompt", "m_prompt", "bg_prompt"):
             check_template(getattr(self, f), f"BgDisentangleConfig.{f}")
 
@@ -177,7 +185,8 @@ class BgDisentangle(Method):
         attention = torch.cat([o.attention for o in outs])
         images = decode(backbone, z, size=hw)
         seconds = (time.perf_counter() - start) / len(jobs)
-        params = {"steps": cfg.steps, "threshold": cfg.threshold, "background": cfg.background,
+        params = {"steps": cfg.steps, "threshold": cfg.threshold, "threshold_rule": cfg.threshold_rule,
+                  "background": cfg.background,
                   "adapter": info["adapter"], "adapter_hash": info["config_hash"], "def_prompt": info["def_prompt"],
                   "m_prompt": info["m_prompt"], "bg_prompt": info["bg_prompt"], "preset": cfg.preset,
                   "cache_inversion": bool(cfg.cache_inversion and cache is not None), "scheduler": "ddim eta=0",
@@ -187,7 +196,7 @@ class BgDisentangle(Method):
             image = images[i]
             if cfg.background == "normal":
                 image = np.where(generated_region(job.target_mask, lat)[..., None], image, normal.image)
-            refined, extra = refine(attention[i], job.target_mask, cfg.threshold)
+            refined, extra = refine(attention[i], job.target_mask, cfg.threshold, cfg.threshold_rule)
             mask, kind = (refined, "eq13 refined") if refined.any() else (job.target_mask.copy(),
                                                                           "target (refinement empty)")
             results.append(Synthetic(job=job, image=np.ascontiguousarray(image), mask=mask,

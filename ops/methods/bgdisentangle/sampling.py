@@ -25,11 +25,14 @@ encode of the normal image is shared; the full saving (bench/bench_bgdisentangle
 
 Eq. 13: the defect branch's cross-attention probabilities of the defect word tokens (summed; each query's softmax
 is over the C_def group, eq. 10) are captured at every sampling step and every cross-attention layer, each layer's
-map bilinearly resized to the latent grid and averaged, then divided by its maximum inside m' (the probabilities
-of a word token are far below 1/2 in absolute terms, so the threshold ½ reads "at least half the peak").
-refined = Resize(m' ⊙ A) >= ½ (bilinear to the image, m' the target at the map's grid by area >= ½), AND the
-target mask, so the refined mask never leaves the target (bilinear spill at m''s border is cut). The ``attention``
-extra is Resize(m' ⊙ A) itself, so ``ops.masks.refine.attention_mask`` on the extra gives the same mask.
+map bilinearly resized to the latent grid and averaged: A. ``Resize(m' ⊙ A)`` is A times m' (the target at the
+map's grid by area >= ½) resized bilinearly to the image. ``threshold_rule="absolute"`` (default, the paper's):
+refined = Resize(m' ⊙ A) >= threshold, A as probabilities. ``"peak_in_mask"``: Resize(m' ⊙ A) is first divided by
+its maximum inside the target (``ops.diffusion.attn_mask.peak_normalise``, the rule CADiff's own mask uses too), so
+½ reads "at least half the peak": a word token's probability is often far below ½ in absolute terms, so the
+absolute rule may leave nothing (the target mask is then used). Either way the result is ANDed with the target,
+so the refined mask never leaves it (bilinear spill at m''s border is cut). The ``attention`` extra is the map
+that was thresholded, so ``ops.masks.refine.attention_mask`` on the extra gives the same mask at threshold ½.
 """
 from __future__ import annotations
 
@@ -42,14 +45,15 @@ import torch
 import torch.nn.functional as F
 
 from ops.diffusion.attention import AttentionController, Capture
+from ops.diffusion.attn_mask import peak_normalise
 from ops.diffusion.blend import latent_mask
 from ops.diffusion.branches import AdapterState, Branch, BranchRunner
 from ops.diffusion.ddim import sample
 from ops.diffusion.inversion import invert
-from ops.masks.refine import attention_mask
 from ops.methods.bgdisentangle.conditioning import Conditioning
 
 DEF, BG = "def", "bg"
+THRESHOLD_RULES = ("absolute", "peak_in_mask")
 
 
 def target_latent_mask(mask: np.ndarray, latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -114,7 +118,7 @@ def start_latents(zT_m: torch.Tensor, m: torch.Tensor, seeds: Sequence[int]) -> 
 @dataclass
 class Generated:
     z0: torch.Tensor  # (n, C, h, w)
-    attention: torch.Tensor  # (n, h, w) float32 on the latent grid, normalised by its peak inside m'
+    attention: torch.Tensor  # (n, h, w) float32 on the latent grid: probabilities, not rescaled
 
 
 def denoise(backbone: Any, cond: Conditioning, m: torch.Tensor, z_start: torch.Tensor, steps: int,
@@ -153,7 +157,7 @@ def denoise(backbone: Any, cond: Conditioning, m: torch.Tensor, z_start: torch.T
 
 
 def defect_attention(ctrl: AttentionController, m: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Mean over steps and layers of the summed defect-token probabilities on the latent grid, / peak inside m'."""
+    """Mean over steps and layers of the summed defect-token probabilities, on the latent grid (n, h, w)."""
     resolutions = sorted({hw[0] for hw in ctrl.layer_hw.values()})
     maps = []
     for r in resolutions:
@@ -162,22 +166,22 @@ def defect_attention(ctrl: AttentionController, m: torch.Tensor, latent_hw: tupl
         except KeyError:
             continue
         maps.append(F.interpolate(a[:, None], size=latent_hw, mode="bilinear", align_corners=False)[:, 0])
-    a = torch.stack(maps).mean(0)
-    inside = a * m[:, 0].float().to(a.device)
-    peak = inside.flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
-    return (a / peak[:, None, None]).clamp(0, 1).cpu()
+    return torch.stack(maps).mean(0).cpu()
 
 
-def refine(attention: torch.Tensor, target: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 13 within the target: (refined mask, the extra map Resize(m' ⊙ A) at the target's size)."""
+def refine(attention: torch.Tensor, target: np.ndarray, threshold: float = 0.5,
+           rule: str = "absolute") -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 13 within the target: (refined mask, the thresholded map Resize(m' ⊙ A) at the target's size)."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"eq. 13 threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
     a = attention.numpy().astype(np.float32)
-    inside = attention_mask(a, target, threshold)
     h, w = target.shape
     m_low = F.interpolate(torch.from_numpy(target.astype(np.float32))[None, None], size=a.shape,
                           mode="area")[0, 0].numpy() >= 0.5
     up = F.interpolate(torch.from_numpy(a * m_low)[None, None], size=(h, w), mode="bilinear",
-                       align_corners=False)[0, 0].clamp(0, 1).numpy().astype(np.float32)
-    return inside & target, up
+                       align_corners=False)[0, 0].numpy().astype(np.float32)
+    up = peak_normalise(up, target) if rule == "peak_in_mask" else np.clip(up, 0.0, 1.0)
+    return (up >= threshold) & target, up
 
 
 class InversionCache:
