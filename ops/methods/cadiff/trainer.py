@@ -6,7 +6,8 @@ choice), trained jointly on every support image of the category with the text en
 toolkit's textual inversion: only the new embedding rows train). Prompt per image: ``prompt`` with
 ``{context}`` and ``{anomaly}`` replaced by the image's two tokens.
 
-Loss per step: L = L_CALDM + γ·L_loc + β·L_contrastive (eq. 8; ``losses``).
+Loss per step: L = L_CALDM + γ·L_loc + β·L_contrastive (eq. 8; ``losses``). L_CALDM regresses ε, so a backbone
+whose scheduler predicts anything else is refused before the first step.
 
 Choices where the paper is vague:
 - Batch: ``batch_size`` support images drawn with replacement over ALL defect types (joint training), each seen
@@ -143,6 +144,11 @@ class CTPLoss:
     parts: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        kind = self.backbone.scheduler.config.prediction_type
+        if kind != "epsilon":  # L_CALDM regresses ε, and IAR's DDIM sampler reads the UNet's output as ε
+            raise ValueError(f"CADiff trains and samples an ε-prediction UNet (L_CALDM = ||ε - ε_θ||², eq. 4); the "
+                             f"backbone's scheduler has prediction_type={kind!r}, use a backbone whose scheduler "
+                             f"predicts 'epsilon'")
         self.images, self.masks = to_tensors(self.samples, self.backbone.resolution)
         self.controller = GradCapture(self.backbone.unet, [Capture(kind="cross", tokens=list(self.columns),
                                                                    name="ctp")])
