@@ -1,4 +1,5 @@
-"""CADiff (papers/cadiff.md) as the ``cadiff`` generation method.
+"""CADiff ("CADiff: Context-Aware Diffusion for Controllable Anomaly Generation in Anomaly Detection", Tong et
+al.) as the ``cadiff`` generation method.
 
 ``fit`` (one model per product, all its defect types): Context-aware Text Prompt (CTP) = a context token and one
 anomaly token per defect type trained as textual inversion with L = L_CALDM + γ·L_loc + β·L_contrastive, then

@@ -1,4 +1,4 @@
-"""CADiff's CTP regularisers (papers/cadiff.md eq. 5-7): the balanced localisation loss and NT-Xent.
+"""CADiff's CTP regularisers (the CADiff paper, eq. 5-7): the balanced localisation loss and NT-Xent.
 
 L = L_CALDM + γ·L_loc + β·L_contrastive (eq. 8). L_CALDM is the plain denoising loss (``trainer``); the two
 regularisers live here as pure functions of tensors so they can be tested without a model.

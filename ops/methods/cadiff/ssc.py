@@ -1,5 +1,5 @@
 """CADiff's Self-adaptive Spatial Control (SSC): a mask-conditioned ControlNet whose residuals enter the frozen
-UNet through SAIM blocks (papers/cadiff.md eq. 9-10).
+UNet through SAIM blocks (the CADiff paper, eq. 9-10).
 
     y_a = CrossAttn(RMSNorm(y), RMSNorm(y_c))          y_f = concat(y, y + MLP(y_a))
 
