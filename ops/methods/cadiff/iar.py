@@ -1,5 +1,5 @@
 """CADiff synthesis: generation on a normal image at a target mask with Intensity-controllable Attention
-Re-weighting (IAR: masked focus attention + delayed focus scheduler, papers/cadiff.md eq. 11).
+Re-weighting (IAR: masked focus attention + delayed focus scheduler, the CADiff paper's eq. 11).
 
     (A_t^&)' = w·‖M^&‖₁·A_t^&   if α_t = n_t / n_start > α_thr,   A_t^& otherwise
 
