@@ -109,7 +109,22 @@ def test_trainable_set_and_loss_are_checked(bb, data):
     with pytest.raises(FloatingPointError, match="step 0"):
         training.train(params, lambda s, r: params[0].sum() * float("nan"), 1, lr=1e-2)
     with pytest.raises(ValueError, match="needs CUDA"):
-        training.train(params, loss_fn, 1, lr=1e-2, mixed_precision="bf16")
+        training.train(params, loss_fn, 1, lr=1e-2, mixed_precision="fp16")
+
+
+def test_cpu_bf16_autocast_runs_the_loss_in_bfloat16_with_float32_master_weights():
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    seen = []
+
+    def loss_fn(_s, _r):
+        y = w @ torch.ones(4, 4)
+        seen.append(y.dtype)
+        return y.float().sum()
+
+    res = training.train([w], loss_fn, 1, lr=1e-3, mixed_precision="bf16")
+    assert seen == [torch.bfloat16] and res.precision == "bfloat16" and w.dtype == torch.float32
+    seen.clear()
+    assert training.train([w], loss_fn, 1, lr=1e-3).precision == "float32" and seen == [torch.float32]
 
 
 def test_gradient_clipping_applies_before_the_step():
