@@ -127,6 +127,16 @@ def column_range(width: int, heldout: bool) -> tuple[int, int]:
     return (cut, int(round(HELDOUT_COLUMNS[1] * width))) if heldout else (0, cut)
 
 
+def tinted_photo(category: str) -> np.ndarray:
+    """The category's photograph as the demo tints it (float HxWx3 in [0, 1])."""
+    return _photo(CATEGORIES[category])
+
+
+def crop(photo: np.ndarray, size: int, rng: np.random.Generator, heldout: bool) -> np.ndarray:
+    """A uint8 ``size`` px crop as the demo cuts it; ``heldout=False`` keeps to the train columns."""
+    return _crop(photo, size, rng, heldout)
+
+
 def _crop(photo: np.ndarray, size: int, rng: np.random.Generator, heldout: bool) -> np.ndarray:
     h, w = photo.shape[:2]
     c0, c1 = column_range(w, heldout)

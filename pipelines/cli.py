@@ -53,17 +53,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_base(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from ops.forge_base.train import BaseTrainConfig, train_base
 
-    cfg = BaseTrainConfig(pool_size=args.pool_size, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                          vae_batch=args.vae_batch, unet_batch=args.unet_batch, seed=args.seed, dtype=args.dtype)
+    names = [f.name for f in fields(BaseTrainConfig)]
+    given = {k: getattr(args, k) for k in names if k != "recipe" and getattr(args, k) is not None}
+    cfg = BaseTrainConfig.for_recipe(args.recipe, **given)
     try:
         cfg.check()
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
-    command = ("anomaly-forge train-base --out DIR " + " ".join(
-        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("pool_size", "vae_steps", "unet_steps", "vae_batch",
-                                                                "unet_batch", "seed", "dtype")))
+    command = "anomaly-forge train-base --out DIR " + " ".join(
+        f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in names)
     train_base(args.out, cfg, command=command)
     return 0
 
@@ -251,12 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     base = sub.add_parser("train-base", help="train the forge-base diffusion model into a diffusers folder "
                                              "(resumes an interrupted run from OUT/.train)")
     base.add_argument("--out", required=True, help="output folder (diffusers layout; checkpoints in OUT/.train)")
-    defaults = __import__("ops.forge_base.train", fromlist=["BaseTrainConfig"]).BaseTrainConfig()
-    for name in ("pool_size", "vae_steps", "unet_steps", "vae_batch", "unet_batch", "seed"):
-        base.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
-                          help=f"default {getattr(defaults, name)}")
-    base.add_argument("--dtype", default=defaults.dtype, choices=("float16", "float32"),
-                      help="dtype of the saved weights (training is float32)")
+    from dataclasses import fields
+
+    from ops.forge_base.train import BaseTrainConfig
+
+    from ops.forge_base.train import RECIPE_DEFAULTS
+
+    defaults = BaseTrainConfig()
+    base.add_argument("--recipe", default=defaults.recipe, choices=sorted(RECIPE_DEFAULTS),
+                      help="data and schedule recipe; its values are the defaults of the flags below (v1: the "
+                           "shipped weights; v2: " + ", ".join(f"{k} {v}" for k, v in RECIPE_DEFAULTS["v2"].items())
+                           + ")")
+    for f in fields(BaseTrainConfig):
+        value = getattr(defaults, f.name)
+        if f.name in ("dtype", "precision", "recipe"):
+            continue
+        base.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=None,
+                          help=f"default {value} (v1)")
+    base.add_argument("--precision", default=None, choices=("bf16", "float32"),
+                      help="training arithmetic: bf16 autocast (fp32 master weights) or plain float32 (default)")
+    base.add_argument("--dtype", default=None, choices=("float16", "float32"),
+                      help="dtype of the saved weights (default float16)")
     base.set_defaults(func=cmd_train_base)
 
     lst = sub.add_parser("list-methods", help="list the registered generation methods")

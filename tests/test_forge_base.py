@@ -143,3 +143,92 @@ def test_demo_test_images_come_only_from_columns_forge_base_never_trains_on(tmp_
             assert image[keep].min() > 200, path
         else:
             assert image[keep].max() < 40, path
+
+
+TINY_V2 = BaseTrainConfig.for_recipe("v2", pool_size=6, vae_steps=2, vae_batch=2, vae_crop=32, unet_crop_steps=2,
+                                     unet_crop_batch=2, unet_steps=2, unet_batch=2, warmup=1, ckpt_every=1,
+                                     dtype="float32")
+
+
+def test_recipe_v2_resumes_in_its_crop_phase_to_the_same_files(tmp_path, monkeypatch):
+    import ops.diffusion.training as training
+
+    whole = train_base(tmp_path / "whole", TINY_V2, command="anomaly-forge train-base --recipe v2 (test)")
+    assert sorted(p.name for p in (whole / ".train" / "unet").iterdir()) == ["crop", "full"]
+    calls, real, shapes = {"n": 0}, training.denoising_loss, []
+
+    def interrupted(unet, scheduler, latents, *a, **kw):  # dies at the crop phase's second step
+        calls["n"] += 1
+        shapes.append(tuple(latents.shape[-2:]))
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(unet, scheduler, latents, *a, **kw)
+
+    monkeypatch.setattr(training, "denoising_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_base(tmp_path / "resumed", TINY_V2, command="anomaly-forge train-base --recipe v2 (test)")
+    calls["n"] = -100
+    shapes.clear()
+    resumed = train_base(tmp_path / "resumed", TINY_V2, command="anomaly-forge train-base --recipe v2 (test)")
+    # the resumed run performs only the remaining steps: one crop step on 16-cell windows, then the two full steps
+    assert shapes == [(16, 16), (32, 32), (32, 32)]
+    assert _digests(resumed) == _digests(whole)
+
+
+def test_v2_demo_surfaces_come_only_from_the_train_columns(monkeypatch):
+    """Both of v2's ways to a demo photograph (the demo's own crop and the wider random-tint crop) stay left."""
+    import skimage.data
+
+    import ops.demo_data as demo_data
+    from ops.forge_base.data import DEMO_PHOTOS, Sampler
+
+    photo = np.zeros((512, 512), np.uint8)
+    photo[:, demo_data.column_range(512, True)[0]:] = 255  # held-out columns white
+    for name in DEMO_PHOTOS:
+        monkeypatch.setattr(skimage.data, name, lambda: photo)
+    sampler = Sampler(64, seed=0, recipe="v2")
+    demo_items = [it for it in (sampler.item(i) for i in range(80))
+                  if it.caption.removeprefix("a photo of a ").split(" with")[0] in DEMO_PHOTOS and it.mark is None]
+    assert len(demo_items) >= 8
+    assert max(int(it.image.max()) for it in demo_items) < 40
+
+
+def test_v1_recipe_and_defaults_are_the_shipped_weights_record():
+    record = forge_base.recorded()
+    cfg = BaseTrainConfig()
+    assert cfg.recipe == "v1"
+    for key, value in record["config"].items():
+        assert getattr(cfg, key) == value, key  # the shipped weights are train-base's default arguments
+
+
+def test_vae_loss_weighs_marked_pixels_and_edges():
+    from ops.forge_base.train import vae_loss
+
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 8, :] = -1.0  # a thin dark line
+    alpha = torch.zeros(1, 1, 16, 16)
+    alpha[..., 8, :] = 1.0
+    blurred = x.clone()
+    blurred[..., 7:10, :] = -1.0 / 3  # the line smeared over three rows: same mean, lost edges
+    shifted = x + 0.05  # a uniform error of the same order, no line lost
+    plain = vae_loss(blurred, x, alpha, 0.0, 0.0) / vae_loss(shifted, x, alpha, 0.0, 0.0)
+    weighted = vae_loss(blurred, x, alpha, 4.0, 0.0) / vae_loss(shifted, x, alpha, 4.0, 0.0)
+    edged = vae_loss(blurred, x, alpha, 4.0, 1.0) / vae_loss(shifted, x, alpha, 4.0, 1.0)
+    assert plain < weighted < edged  # each term makes losing the line cost more, relative to a harmless error
+
+
+def test_latent_crops_cover_the_mark():
+    from ops.forge_base.train import _crop_latents, mark_centres
+
+    alphas = np.zeros((3, 128, 128), np.uint8)
+    alphas[0, 100:110, 10:20] = 255  # latent cell (26, 3)
+    alphas[1, 4:8, 120:126] = 255  # latent cell (1, 30)
+    centres = mark_centres(alphas)
+    assert centres.tolist() == [[26, 3], [1, 30], [-1, -1]]
+    latents = torch.zeros(3, 4, 32, 32)
+    for i, (y, x) in enumerate(centres.tolist()[:2]):
+        latents[i, :, y, x] = 1.0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        crops = _crop_latents(latents, centres, 16, g)
+        assert crops.shape == (3, 4, 16, 16) and crops[0].sum() == 4 and crops[1].sum() == 4

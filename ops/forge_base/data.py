@@ -2,21 +2,37 @@
 
 Everything is made offline and seeded; ``make_pool(n, size, seed)`` returns uint8 images with captions.
 
-Recipe (the choices the issue left open):
+Two recipes (``make_pool(..., recipe=)``): ``v1``, the one the shipped weights were trained on, and ``v2``, weighted
+toward the surfaces the methods encode. Where they differ, v1 is said in brackets.
+
+Recipe (the choices where nothing fixes them):
+- Weighted toward the surfaces the methods will encode. Each sample is, with these probabilities:
+  ``P_DEMO`` a demo-matched surface: brick, grass or gravel tinted as the demo tints it and cut with the demo's
+  own crop function (``ops.demo_data.crop``: 30-55 % of the photograph, Lanczos) from the train columns only;
+  ``P_TEXTURE`` a procedural texture; ``P_WIDE`` one of the three surface photographs at a wider range of scales
+  (12-60 % of the short side) with a random tint; the rest one of the other photographs. v1 drew half its
+  samples from all fifteen photographs alike (cats, rockets) and its surface crops were smoother and smaller
+  than the demo's: its VAE reached 19 dB on the demo's held-out images where a VAE trained on demo-matched crops
+  reached 27-32 dB in the same budget. [v1: ``P_PHOTO_V1`` of the samples from all fifteen photographs alike, the
+  rest procedural textures.]
 - Photographs (``PHOTOS``): every image bundled in the scikit-image wheel whose loader's docstring states CC0 or
   public domain (``skimage/data/_fetchers.py``); images with no licence statement (moon, page) or only "no known
-  copyright restrictions" (coins, immunohistochemistry) are left out. A sample is a random square crop (12-60 % of
-  the shorter side), optionally mirrored, resized to ``size``, colour-jittered (gain, offset, gamma, per-channel
-  tint; grayscale photographs get a random tint so they become coloured surfaces).
+  copyright restrictions" (coins, immunohistochemistry) are left out. A photograph sample is a random square crop
+  (12-60 % of the shorter side), optionally mirrored, resized to ``size``, colour-jittered (gain, offset, gamma,
+  per-channel tint; grayscale photographs get a random tint so they become coloured surfaces).
 - The demo's three texture photographs (brick, grass, gravel) are cropped ONLY from the columns the demo never
   uses for its ``test/`` images (``ops.demo_data.column_range(width, heldout=False)``): no pixel of a held-out
   demo image is in the training data.
 - Procedural textures (``TEXTURES``): fractal value noise, stripes, a weave, wood rings, brushed metal, cells
   (Voronoi-like stones), each with random colours and scales.
-- Marks (``MARKS``), drawn by THIS module (not the demo's defect drawer, ``ops.demo_data.draw_defect``): a
-  scratch (a thin smooth curve, brighter or darker), a crack (a dark jagged line following a noise ridge), a hole
-  (a dark pit with a soft shaded rim), a dent (a smooth shaded depression), a stain (a colour blob from
-  thresholded smooth noise), a discolouration (a large faint tint patch). About half of the samples carry one.
+- Marks (``MARKS``, drawn with probability ``P_MARK`` and the weights ``MARK_WEIGHTS``), drawn by THIS module
+  (not the demo's defect drawer, ``ops.demo_data.draw_defect``): a scratch (a thin smooth curve, 1-2.5 px,
+  brighter or darker), a crack (a dark jagged line following a noise ridge, 1-3 px, with up to two thinner
+  branches), a hole (a dark pit with a soft shaded rim), a dent (a smooth shaded depression), a stain (a colour
+  blob from thresholded smooth noise), a discolouration (a large faint tint patch). Thin marks weigh most
+  because they are what a VAE loses first. [v1: marks on ``P_MARK_V1`` of the samples, all six alike, cracks
+  1-2.5 px without branches.] Each item keeps its mark's alpha (``Item.alpha``), which the VAE's
+  loss up-weights and the UNet's crops are centred on.
 - Captions: "a photo of a {surface}" for clean samples and "a photo of a {surface} with a {mark} defect" for
   marked ones (the wording of the methods' default prompts), plus an empty caption for 10 % of samples so that
   classifier-free guidance has an unconditional branch.
@@ -51,7 +67,11 @@ PHOTOS: dict[str, tuple[str, str, str]] = {
 DEMO_PHOTOS = ("brick", "grass", "gravel")
 TEXTURES = ("noise", "stripes", "weave", "wood", "metal", "stone")
 MARKS = ("scratch", "crack", "hole", "dent", "stain", "discoloration")
-P_MARK, P_EMPTY_CAPTION, P_PHOTO = 0.5, 0.1, 0.5
+MARK_WEIGHTS = (0.24, 0.24, 0.18, 0.08, 0.18, 0.08)
+P_MARK, P_EMPTY_CAPTION = 0.6, 0.1
+P_DEMO, P_TEXTURE, P_WIDE = 0.5, 0.25, 0.12  # the rest (0.13): the other photographs
+P_MARK_V1, P_PHOTO_V1 = 0.5, 0.5
+RECIPES = ("v1", "v2")
 
 
 @dataclass
@@ -59,6 +79,7 @@ class Item:
     image: np.ndarray  # uint8 HxWx3
     caption: str
     mark: str | None
+    alpha: np.ndarray | None = None  # uint8 HxW: the mark's opacity x 255 (None: no mark)
 
 
 def _load_photo(name: str) -> np.ndarray:
@@ -202,15 +223,26 @@ def _blob(size: int, rng: np.random.Generator, radius: float) -> np.ndarray:
     return np.clip((1.0 - r + 0.5 * (n - 0.5)) * radius / 3.0, 0, 1)
 
 
-def mark(kind: str, base: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def mark(kind: str, base: np.ndarray, rng: np.random.Generator, branches: bool = True
+         ) -> tuple[np.ndarray, np.ndarray]:
     size = base.shape[0]
     s = size / 128.0
     luma = base.mean(-1, keepdims=True)
     if kind == "scratch":
         alpha = _rasterise(size, _curve(size, rng, 8, 0.12, rng.uniform(30, 100) * s), rng.uniform(1, 2.5) * s)
         colour = np.clip(base + 0.45, 0, 1) if rng.random() < 0.5 else base * 0.3
-    elif kind == "crack":
+    elif kind == "crack" and not branches:
         alpha = _rasterise(size, _curve(size, rng, 24, 0.6, rng.uniform(30, 80) * s), rng.uniform(1, 2.5) * s)
+        colour = base * rng.uniform(0.05, 0.25)
+    elif kind == "crack":
+        trunk = _curve(size, rng, 24, 0.6, rng.uniform(30, 80) * s)
+        width = rng.uniform(1, 3) * s
+        alpha = _rasterise(size, trunk, width)
+        for _ in range(int(rng.integers(0, 3))):
+            fork = trunk[int(rng.integers(len(trunk)))]
+            branch = _curve(size, rng, 10, 0.7, rng.uniform(10, 30) * s)
+            branch = branch - branch[0] + fork
+            alpha = np.maximum(alpha, _rasterise(size, branch, max(1.0, 0.6 * width)))
         colour = base * rng.uniform(0.05, 0.25)
     elif kind in ("hole", "dent"):
         radius = rng.uniform(5, 16) * s
@@ -243,34 +275,71 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 class Sampler:
     """Seeded generator of captioned training images; ``item(i)`` depends only on (seed, i)."""
 
-    def __init__(self, size: int = 128, seed: int = 0):
-        self.size, self.seed = size, seed
+    def __init__(self, size: int = 128, seed: int = 0, recipe: str = "v2"):
+        from ops.demo_data import tinted_photo
+
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown forge-base data recipe {recipe!r}; choose from {RECIPES}")
+        self.size, self.seed, self.recipe = size, seed, recipe
         self.photos = {name: _load_photo(name) for name in PHOTOS}
+        self.demo = {name: tinted_photo(name) for name in DEMO_PHOTOS}
         self._gray = {name: bool(np.allclose(p[..., 0], p[..., 1]) and np.allclose(p[..., 1], p[..., 2]))
                       for name, p in self.photos.items()}
+        self._others = sorted(set(PHOTOS) - set(DEMO_PHOTOS))
 
-    def item(self, index: int) -> Item:
-        rng = np.random.default_rng([self.seed, index])
-        if rng.random() < P_PHOTO:
+    def _base(self, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        from ops.demo_data import crop
+
+        u = rng.random()
+        if u < P_DEMO:
+            name = DEMO_PHOTOS[int(rng.integers(len(DEMO_PHOTOS)))]
+            return crop(self.demo[name], self.size, rng, heldout=False).astype(np.float32) / 255.0, name
+        if u < P_DEMO + P_TEXTURE:
+            kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
+            return texture(kind, self.size, rng), kind
+        pool = DEMO_PHOTOS if u < P_DEMO + P_TEXTURE + P_WIDE else self._others
+        name = pool[int(rng.integers(len(pool)))]
+        return photo_crop(self.photos[name], self.size, rng, self._gray[name]), PHOTOS[name][1]
+
+    def _item_v1(self, rng: np.random.Generator) -> Item:
+        if rng.random() < P_PHOTO_V1:
             name = sorted(PHOTOS)[int(rng.integers(len(PHOTOS)))]
             base = photo_crop(self.photos[name], self.size, rng, self._gray[name])
             surface = PHOTOS[name][1]
         else:
             surface = TEXTURES[int(rng.integers(len(TEXTURES)))]
             base = texture(surface, self.size, rng)
-        kind = MARKS[int(rng.integers(len(MARKS)))] if rng.random() < P_MARK else None
+        kind = MARKS[int(rng.integers(len(MARKS)))] if rng.random() < P_MARK_V1 else None
+        alpha = None
         if kind is not None:
-            alpha, colour = mark(kind, base, rng)
-            base = base * (1 - alpha[..., None]) + colour * alpha[..., None]
+            a, colour = mark(kind, base, rng, branches=False)
+            base = base * (1 - a[..., None]) + colour * a[..., None]
+            alpha = _to_uint8(a)
         caption = f"a photo of a {surface}" + (f" with a {kind} defect" if kind else "")
         if rng.random() < P_EMPTY_CAPTION:
             caption = ""
-        return Item(_to_uint8(base), caption, kind)
+        return Item(_to_uint8(base), caption, kind, alpha)
+
+    def item(self, index: int) -> Item:
+        rng = np.random.default_rng([self.seed, index])
+        if self.recipe == "v1":
+            return self._item_v1(rng)
+        base, surface = self._base(rng)
+        kind = str(rng.choice(MARKS, p=MARK_WEIGHTS)) if rng.random() < P_MARK else None
+        alpha = None
+        if kind is not None:
+            a, colour = mark(kind, base, rng)
+            base = base * (1 - a[..., None]) + colour * a[..., None]
+            alpha = _to_uint8(a)
+        caption = f"a photo of a {surface}" + (f" with a {kind} defect" if kind else "")
+        if rng.random() < P_EMPTY_CAPTION:
+            caption = ""
+        return Item(_to_uint8(base), caption, kind, alpha)
 
 
 def make_pool(n: int, size: int = 128, seed: int = 0,
-              progress: Callable[[int], None] | None = None) -> list[Item]:
-    sampler = Sampler(size, seed)
+              progress: Callable[[int], None] | None = None, recipe: str = "v2") -> list[Item]:
+    sampler = Sampler(size, seed, recipe)
     out = []
     for i in range(n):
         out.append(sampler.item(i))
