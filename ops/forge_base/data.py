@@ -301,34 +301,24 @@ class Sampler:
         name = pool[int(rng.integers(len(pool)))]
         return photo_crop(self.photos[name], self.size, rng, self._gray[name]), PHOTOS[name][1]
 
-    def _item_v1(self, rng: np.random.Generator) -> Item:
+    def _base_v1(self, rng: np.random.Generator) -> tuple[np.ndarray, str]:
         if rng.random() < P_PHOTO_V1:
             name = sorted(PHOTOS)[int(rng.integers(len(PHOTOS)))]
-            base = photo_crop(self.photos[name], self.size, rng, self._gray[name])
-            surface = PHOTOS[name][1]
-        else:
-            surface = TEXTURES[int(rng.integers(len(TEXTURES)))]
-            base = texture(surface, self.size, rng)
-        kind = MARKS[int(rng.integers(len(MARKS)))] if rng.random() < P_MARK_V1 else None
-        alpha = None
-        if kind is not None:
-            a, colour = mark(kind, base, rng, branches=False)
-            base = base * (1 - a[..., None]) + colour * a[..., None]
-            alpha = _to_uint8(a)
-        caption = f"a photo of a {surface}" + (f" with a {kind} defect" if kind else "")
-        if rng.random() < P_EMPTY_CAPTION:
-            caption = ""
-        return Item(_to_uint8(base), caption, kind, alpha)
+            return photo_crop(self.photos[name], self.size, rng, self._gray[name]), PHOTOS[name][1]
+        kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
+        return texture(kind, self.size, rng), kind
 
     def item(self, index: int) -> Item:
         rng = np.random.default_rng([self.seed, index])
-        if self.recipe == "v1":
-            return self._item_v1(rng)
-        base, surface = self._base(rng)
-        kind = str(rng.choice(MARKS, p=MARK_WEIGHTS)) if rng.random() < P_MARK else None
+        v1 = self.recipe == "v1"
+        base, surface = self._base_v1(rng) if v1 else self._base(rng)
+        if v1:
+            kind = MARKS[int(rng.integers(len(MARKS)))] if rng.random() < P_MARK_V1 else None
+        else:
+            kind = str(rng.choice(MARKS, p=MARK_WEIGHTS)) if rng.random() < P_MARK else None
         alpha = None
         if kind is not None:
-            a, colour = mark(kind, base, rng)
+            a, colour = mark(kind, base, rng, branches=not v1)
             base = base * (1 - a[..., None]) + colour * a[..., None]
             alpha = _to_uint8(a)
         caption = f"a photo of a {surface}" + (f" with a {kind} defect" if kind else "")
