@@ -24,8 +24,8 @@ from ops.methods.bgdisentangle import fit as FIT
 from ops.methods.bgdisentangle import loss as L
 from ops.methods.bgdisentangle import sampling as S
 from ops.methods.bgdisentangle.conditioning import build
-from ops.types import Sample, SynthesisJob
-from tests.test_bgdisentangle import SIZE, _box, _image
+from ops.types import SynthesisJob
+from tests.test_bgdisentangle import SIZE, _box, _image, normal, support  # noqa: F401 (the same fixtures)
 
 os.environ.setdefault("ANOMALY_FORGE_NO_PROGRESS", "1")
 torch.set_num_threads(1)
@@ -39,21 +39,6 @@ def bb():
     from ops.diffusion.backbone import load_backbone
 
     return load_backbone("tiny", device="cpu", cache=False)
-
-
-@pytest.fixture(scope="module")
-def support():
-    out = []
-    for i, box in enumerate([(20, 40, 10, 40), (8, 30, 30, 56), (36, 60, 6, 30)]):
-        img, m = _image(i), _box(*box)
-        img[m] = (img[m] * 0.4).astype(np.uint8)
-        out.append(Sample(f"crack_{i:03d}", "brick", "crack", img, m, source=f"crack/{i:03d}.png"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def normal():
-    return Sample("good-0", "brick", "good", _image(7), None, source="good-0.png")
 
 
 @pytest.fixture(scope="module")
