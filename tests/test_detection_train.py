@@ -143,9 +143,19 @@ def test_saved_checkpoint_export_and_config_are_the_selected_model(run):
     assert rerun.success and _manifest(storage, "anomaly_detectors")["reused"].all()  # same inputs: no retraining
 
 
-def test_supersimplenet_draem_and_weak_segmenter_train_on_synthetic_anomalies(tmp_path, demo_split):
+def test_supersimplenet_draem_and_weak_segmenter_train_on_synthetic_anomalies(tmp_path, demo_split, monkeypatch):
+    import ops.detection.anomalib_models as am
     from ops.detection.anomalib_models import SyntheticDraem
     from ops.generation import fit_adapter, synthesize_partition
+
+    built, real_build = [], am.build_model
+
+    def spy(detector, *a, **kw):  # the weak rule as the trained models hold it, not as the manifest records it
+        model = real_build(detector, *a, **kw)
+        built.append((detector, getattr(model, "weak_tau", None)))
+        return model
+
+    monkeypatch.setattr(am, "build_model", spy)
 
     storage = Storage(tmp_path)
     adapters = fit_adapter(storage, "brick", "perlin", demo_split, None, {}, progress=lambda *a: None)
@@ -160,7 +170,9 @@ def test_supersimplenet_draem_and_weak_segmenter_train_on_synthetic_anomalies(tm
     assert det["detector"].tolist() == ["supersimplenet", "draem", "segmenter"]
     assert (det["trained_on"] == "synthetic").all()
     weak = det.set_index("detector")["weak_tau"]
-    assert weak[["supersimplenet", "draem"]].isna().all() and weak["segmenter"] == 0.9  # AnoGen loss: segmenter only
+    # AnoGen's loss goes to the segmenter and DRAEM, the two of the paper's detectors anomalib has
+    assert weak["supersimplenet"] != weak["supersimplenet"] and weak["segmenter"] == weak["draem"] == 0.9
+    assert set(built) == {("supersimplenet", None), ("draem", 0.9), ("segmenter", 0.9)}
     assert json.loads(det.set_index("detector").loc["segmenter", "config_json"])["weak_tau"] == 0.9
     assert det["selected_step"].between(1, 2).all() and det["val_score"].notna().all()
     assert det.set_index("detector").loc["supersimplenet", "backbone_source"].startswith("pypi:")

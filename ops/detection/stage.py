@@ -19,9 +19,10 @@ the files of an uninterrupted run; the folder is removed when the detector is co
 Image-level-only categories (``ops.image_level``): the held-out defects have no masks, so evaluation reports the
 image metrics only; the pixel columns are NaN and ``metric_note`` says why.
 
-Box-labelled methods (``weak_methods``, default AnoGen) train the segmenter with the weak loss at ``weak_tau``
-and, as extra rows (``ops.detection.mix``), at each τ of ``weak_ablation`` (``segmenter-tau1``: plain box
-supervision) and on the method's + Perlin anomalies (``segmenter-perlin``, ``mix_perlin``).
+Box-labelled methods (``weak_methods``, default AnoGen) train the segmenter and DRAEM (``WEAK_DETECTORS``: of
+the detectors AnoGen's paper trains with its weak loss, the two anomalib 2.7 has; DeSTSeg is absent) with the
+weak loss at ``weak_tau`` and, as extra rows (``ops.detection.mix``), at each τ of ``weak_ablation``
+(``segmenter-tau1``: plain box supervision) and on the method's + Perlin anomalies (``segmenter-perlin``, ``mix_perlin``).
 
 Demo defaults keep a partition to seconds on 2 CPU cores: 128 px, the segmenter (``base_width`` 8, 64 px
 training crops, 60 steps at lr 2e-3) and the PatchCore reference. Paper settings (DRAEM / AnomalyDiffusion protocol):
@@ -62,6 +63,7 @@ from ops.cache import cache_dir
 from ops.storage import Storage, check_name, sha256_bytes, sha256_file
 
 REFERENCE_METHOD = "none"
+WEAK_DETECTORS = ("segmenter", "draem")  # the detectors that take a box-labelled method's weak loss
 RESUME_DIR = "resume"  # <detector dir>/resume/<fingerprint>/last.ckpt while a training is unfinished
 
 DETECTOR_SCHEMA = pa.schema([
@@ -371,7 +373,7 @@ def train_detectors(storage: Storage, category: str, method: str, split_df: pd.D
         samples = build_samples(storage, split_df, synthetic_df, mask_column=cfg.mask_column,
                                 val_source=cfg.val_source, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                 use_synthetic=not one_class)
-        weak = cfg.weak_tau if (detector == "segmenter" and method in cfg.weak_methods) else None
+        weak = cfg.weak_tau if (detector in WEAK_DETECTORS and method in cfg.weak_methods) else None
         rows.append(_train_one(storage, category, REFERENCE_METHOD if one_class else method, detector, samples,
                                cfg, weak, backbone, method, progress))
     if method in cfg.weak_methods and "segmenter" in cfg.detectors:

@@ -8,8 +8,8 @@ Stage 2, ``synthesize`` (``ops.methods.anogen.sampling``): a box from the target
 image, that image's q-sampled latent kept outside the box at every DDIM step, the learned token's prompt (with
 classifier-free guidance) inside; the decoded image is pasted onto the normal image inside the box only.
 Stage 3 (weakly supervised detector) lives in ``ops.detection``: the segmenter's ``weak_tau`` loss on the box
-labels of ``anogen`` partitions, with a τ = 1 (plain box supervision) row and a Perlin + AnoGen mix row; DRAEM
-takes the same rule (``SyntheticDraem(weak_tau=...)``) but the stage does not train a weak DRAEM row yet.
+labels of ``anogen`` partitions, with a τ = 1 (plain box supervision) row and a Perlin + AnoGen mix row; DRAEM,
+when configured, is trained with the same rule (``SyntheticDraem(weak_tau=...)``).
 
 Choices where the paper is vague (more in the two modules):
 - Boxes: ``target_mode = "box"`` whatever the pipeline's ``target_mode`` setting (AnoGen is defined on boxes);
