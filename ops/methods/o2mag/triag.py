@@ -11,7 +11,9 @@ middle steps. Everything attention-related is the toolkit's controller; this mod
 Performance design: the reference and normal branches do not depend on the target. With ``cache`` on, each
 source branch is inverted and sampled ONCE while :class:`SourceKV` records its K/V at every graft layer and step;
 every target batch then replays them (the target runs alone, batched). The reference branch is shared by every
-normal image it is paired with, the normal branch by every target of its (reference, normal) group. Without the
+normal image it is paired with, the normal branch by every target of its (reference, normal) group. A cached run
+is keyed by its image, latent, conditioning e*, the model and the settings it was recorded with (steps, graft
+layers/steps, triag_masks), so a cache shared across calls never serves a run of another setup. Without the
 cache, every target batch inverts both sources again and runs the three branches jointly in one sampling loop
 (the toolkit's in-step grafting). In both paths every branch is its own UNet call (sources batch 1, targets
 batch <= ``target_batch``), so they give bit-identical images on any device (tests/test_o2mag.py); merging the
@@ -263,10 +265,11 @@ def run_targets(backbone: Any, cond: torch.Tensor, ref: tuple[np.ndarray, np.nda
     outs, atts, normal_z0 = [], [], None
     if s.cache:
         cache = cache or BranchCache()
-        cond_key = image_key(cond.detach().float().cpu().numpy())
-        ref_key = ("ref", image_key(ref_img), image_key(ref_mask.astype(np.uint8)), cond_key)
+        # a caller's cache may outlive one configuration: key on everything a source run reads
+        run_key = (backbone.model_id, s.steps, s.graft_layers, s.graft_steps, s.triag_masks, _tensor_key(cond))
+        ref_key = ("ref", image_key(ref_img), image_key(ref_mask.astype(np.uint8)), _tensor_key(z_ref), run_key)
         ref_run = cache.get("ref", ref_key, lambda: run_source(backbone, REF, z_ref, cond, s, ref_mask))
-        normal_run = cache.get("normal", ("normal", image_key(normal_img), cond_key),
+        normal_run = cache.get("normal", ("normal", image_key(normal_img), _tensor_key(z_normal), run_key),
                                lambda: run_source(backbone, NORMAL, z_normal, cond, s, ref_mask))
         normal_z0 = normal_run.z0
     for i in range(0, masks.shape[0], s.target_batch):
@@ -296,6 +299,10 @@ def run_targets(backbone: Any, cond: torch.Tensor, ref: tuple[np.ndarray, np.nda
             normal_z0 = z[NORMAL]
     attention = None if atts[0] is None else torch.cat(atts)
     return TargetOutput(torch.cat(outs), attention, normal_z0)
+
+
+def _tensor_key(x: torch.Tensor) -> str:
+    return image_key(x.detach().float().cpu().numpy())
 
 
 def resize_map(a: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
