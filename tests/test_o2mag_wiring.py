@@ -14,35 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from ops.diffusion.backbone import load_backbone
 from ops.diffusion.blend import latent_mask
 from ops.diffusion.vae import encode
 from ops.methods.o2mag import O2MAG, O2MAGConfig
 from ops.methods.o2mag import ago as o2mag_ago
 from ops.methods.o2mag import triag
 from ops.types import Sample, SynthesisJob
+from tests.test_o2mag import SIZE, _box, _image, bb  # noqa: F401 (the same helpers and fixture)
 
 os.environ.setdefault("ANOMALY_FORGE_NO_PROGRESS", "1")
 torch.set_num_threads(1)
-
-SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return load_backbone("tiny", device="cpu", dtype="float32")
-
-
-def _image(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(60, 200, size=(1, 1, 3))
-    return np.clip(base + rng.integers(-30, 30, size=(SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-
-
-def _box(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    m = np.zeros((SIZE, SIZE), dtype=bool)
-    m[y0:y1, x0:x1] = True
-    return m
 
 
 def _reference(image_id: str, category: str, defect: str, seed: int) -> Sample:
